@@ -1,0 +1,1 @@
+"""pnp: learned filter pruning for PyTorch."""

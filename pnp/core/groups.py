@@ -1,0 +1,466 @@
+"""Groups of coupled channels, found on torch-pruning's dependency graph.
+
+A :class:`ChannelGroup` is a set of channels that must be removed together: the
+output channels of one or more producers (convolutions whose outputs are added,
+concatenated pieces, BatchNorm, depthwise convolutions) and the matching input
+channels of every consumer. Channel ``c`` of a group is addressed by its index in
+the group's root layer, whatever index it has in each member.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from pnp.core.handlers import make_dependency_graph
+
+OUT = "out"
+IN = "in"
+
+
+@dataclass(frozen=True)
+class ChannelMember:
+    """One layer's share of a group.
+
+    ``side`` is ``"out"`` for layers whose output channels shrink (producers and
+    per-channel layers such as BatchNorm) and ``"in"`` for layers whose input
+    channels shrink (consumers). ``indices[i]`` is a channel of this layer that
+    belongs to group channel ``root_indices[i]``; a flattened consumer maps one
+    group channel to many of its inputs.
+    """
+
+    module: str
+    side: str
+    indices: torch.Tensor
+    root_indices: torch.Tensor
+    groups: int = 1
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that are kept or removed together."""
+
+    name: str
+    size: int
+    members: tuple[ChannelMember, ...]
+    blocks: torch.Tensor | None = None
+    flops_per_channel: float = 0.0
+    params_per_channel: float = 0.0
+
+    @property
+    def producers(self) -> list[str]:
+        return [m.module for m in self.members if m.side == OUT]
+
+    @property
+    def consumers(self) -> list[str]:
+        return [m.module for m in self.members if m.side == IN]
+
+    @property
+    def num_blocks(self) -> int:
+        """Equal-size blocks that must keep the same number of channels."""
+        return 1 if self.blocks is None else int(self.blocks.max()) + 1
+
+    def check_keep(self, keep: torch.Tensor) -> torch.Tensor:
+        """Return ``keep`` as a bool vector, or raise naming this group."""
+        if not isinstance(keep, torch.Tensor):
+            keep = torch.as_tensor(keep)
+        keep = keep.detach().to("cpu")
+        if keep.dim() != 1 or keep.numel() != self.size:
+            raise ValueError(
+                f"keep[{self.name!r}] has shape {tuple(keep.shape)}, but group "
+                f"{self.name!r} has {self.size} channels: pass a vector of length {self.size}"
+            )
+        keep = keep.bool()
+        if not bool(keep.any()):
+            raise ValueError(
+                f"keep[{self.name!r}] drops all {self.size} channels; keep at least one "
+                "(pruning a whole layer away is not supported)"
+            )
+        return keep
+
+    def __repr__(self) -> str:
+        extra = f", blocks={self.num_blocks}" if self.blocks is not None else ""
+        return f"ChannelGroup({self.name!r}, size={self.size}, members={len(self.members)}{extra})"
+
+
+class ChannelGroups(Sequence[ChannelGroup]):
+    """The prunable groups of a model, with the groups left out and why."""
+
+    def __init__(
+        self,
+        groups: Iterable[ChannelGroup],
+        excluded: Mapping[str, str],
+        example_inputs,
+        layer_costs: list | None = None,
+    ):
+        self._groups = list(groups)
+        self._by_name = {g.name: g for g in self._groups}
+        self.excluded = dict(excluded)
+        self.example_inputs = example_inputs
+        self.layer_costs = layer_costs or []
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            try:
+                return self._by_name[key]
+            except KeyError:
+                raise KeyError(self.unknown_group_message(key)) from None
+        return self._groups[key]
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+    def __iter__(self) -> Iterator[ChannelGroup]:
+        return iter(self._groups)
+
+    def __contains__(self, name) -> bool:
+        return name in self._by_name
+
+    @property
+    def names(self) -> list[str]:
+        return [g.name for g in self._groups]
+
+    @property
+    def total_channels(self) -> int:
+        return sum(g.size for g in self._groups)
+
+    def unknown_group_message(self, name: str) -> str:
+        close = difflib_close(name, self.names)
+        hint = f"; did you mean {close!r}?" if close else ""
+        why = f" (it was left out: {self.excluded[name]})" if name in self.excluded else ""
+        return f"unknown group name {name!r}{why}{hint}. Known groups: {len(self)} (see ChannelGroups.names)"
+
+    def check_keep(self, keep: Mapping[str, torch.Tensor], complete: bool = False) -> dict[str, torch.Tensor]:
+        """Validate a ``{group name: bool vector}`` mapping at the API boundary."""
+        if not isinstance(keep, Mapping):
+            raise TypeError(f"keep must map group names to bool vectors, got {type(keep).__name__}")
+        checked = {}
+        for name, value in keep.items():
+            if name not in self._by_name:
+                raise KeyError(self.unknown_group_message(name))
+            checked[name] = self._by_name[name].check_keep(value)
+        if complete:
+            missing = [g.name for g in self._groups if g.name not in checked]
+            if missing:
+                raise KeyError(f"keep has no decision for groups {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        for g in self._groups:
+            checked.setdefault(g.name, torch.ones(g.size, dtype=torch.bool))
+        return checked
+
+    def full_keep(self) -> dict[str, torch.Tensor]:
+        return {g.name: torch.ones(g.size, dtype=torch.bool) for g in self._groups}
+
+    def __repr__(self) -> str:
+        return f"ChannelGroups({len(self)} groups, {self.total_channels} channels, {len(self.excluded)} excluded)"
+
+
+def difflib_close(name: str, names: list[str]) -> str | None:
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=1)
+    return close[0] if close else None
+
+
+class UntraceableModelError(RuntimeError):
+    """The model could not be run or traced on the example inputs."""
+
+
+@contextlib.contextmanager
+def _track_running_module(model: nn.Module, record: list):
+    """Remember the innermost module that was running when forward failed."""
+    names = {m: n for n, m in model.named_modules()}
+    stack: list[str] = []
+
+    def pre(module, args):
+        stack.append(names.get(module, type(module).__name__))
+
+    def post(module, args, output):
+        if stack:
+            stack.pop()
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    handles += [m.register_forward_hook(post) for m in model.modules()]
+    try:
+        yield stack
+    except Exception:
+        record.extend(stack)
+        raise
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_model(model: nn.Module, example_inputs):
+    """Call ``model`` on ``example_inputs`` (a tensor, a tuple of args or a dict)."""
+    if isinstance(example_inputs, Mapping):
+        return model(**example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return model(*example_inputs)
+    return model(example_inputs)
+
+
+def build_dependency_graph(model: nn.Module, example_inputs, ignored_modules=()) -> tp.DependencyGraph:
+    """Trace ``model`` into torch-pruning's dependency graph, with errors that name the layer."""
+    was_training = model.training
+    failed_in: list[str] = []
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _track_running_module(model, failed_in):
+                graph = make_dependency_graph()
+                # torch-pruning's tracer calls model(*inputs) and retries with the
+                # whole tuple; a single call through forward_fn keeps errors readable.
+                graph.build_dependency(
+                    model,
+                    example_inputs,
+                    forward_fn=lambda m, x: run_model(m, x),
+                    ignored_layers=list(ignored_modules),
+                    verbose=False,
+                )
+    except Exception as exc:
+        where = failed_in[-1] if failed_in else "<model>"
+        raise UntraceableModelError(
+            f"could not trace {type(model).__name__} at layer {where!r}: {type(exc).__name__}: {exc}. "
+            "Check that example_inputs match what forward expects, or exclude the layer with ignore=[...]"
+        ) from exc
+    finally:
+        model.train(was_training)
+    return graph
+
+
+def _is_consumer(graph: tp.DependencyGraph, module, handler) -> bool:
+    """True when ``handler`` shrinks the input side of a layer whose in and out differ."""
+    pruner = graph.get_pruner_of_module(module)
+    return (
+        pruner is not None
+        and pruner.prune_in_channels != pruner.prune_out_channels
+        and handler == pruner.prune_in_channels
+    )
+
+
+def _block_ids(member_module, side: str, indices: torch.Tensor) -> torch.Tensor | None:
+    """Block of each channel of a grouped (not depthwise) convolution, else None."""
+    if not isinstance(member_module, nn.modules.conv._ConvNd) or member_module.groups == 1:
+        return None
+    conv = member_module
+    if conv.groups == conv.out_channels and conv.groups == conv.in_channels:
+        return None  # depthwise: channels are independent
+    width = (conv.in_channels if side == IN else conv.out_channels) // conv.groups
+    return indices // width
+
+
+def _combine_blocks(size: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | str | None:
+    """Merge the block structures of several grouped convolutions into one.
+
+    Returns block ids per group channel, ``None`` when unconstrained, or a reason
+    string when the constraints cannot be met by equal per-block counts.
+    """
+    if not parts:
+        return None
+    key = torch.zeros(size, dtype=torch.long)
+    for root_idx, block in parts:
+        per_channel = torch.full((size,), -1, dtype=torch.long)
+        per_channel[root_idx] = block
+        if (per_channel < 0).any():
+            return "a grouped convolution sees only part of the group's channels"
+        key = key * (int(per_channel.max()) + 1) + per_channel
+    _, blocks = torch.unique(key, return_inverse=True)
+    counts = torch.bincount(blocks)
+    if not bool((counts == counts[0]).all()):
+        return "grouped convolutions split the group into blocks of unequal size"
+    return blocks
+
+
+def _leaves_model(group, graph) -> str | None:
+    for dep, _ in group:
+        node = dep.target
+        if node.type == tp.ops.OPTYPE.OUTPUT:
+            return "its channels are part of the model's output"
+        if graph.is_out_channel_pruning_fn(dep.handler) and not node.outputs:
+            name = graph._module2name.get(node.module, str(node.module))
+            return f"its channels are the model's output (produced by {name!r})"
+    return None
+
+
+def _through_channel_shuffle(group) -> str | None:
+    for dep, _ in group:
+        if getattr(dep.target, "pnp_channel_shuffle", False):
+            grad_fn = dep.target.grad_fn
+            return f"its channels pass through a channel shuffle ({grad_fn.name() if grad_fn else 'reshape'}), which torch-pruning cannot follow"
+    return None
+
+
+def _all_groups(graph: tp.DependencyGraph, names: dict, excluded: dict[str, str]):
+    """Yield ``(root name, torch-pruning group)`` for every Conv/Linear not yet in a group.
+
+    Like ``DependencyGraph.get_all_groups``, but a group torch-pruning cannot
+    follow is recorded in ``excluded`` instead of ending the search.
+    """
+    visited: set = set()
+    for module in list(graph.module2node):
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or module in visited:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        name = names.get(module, str(module))
+        try:
+            group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+        except Exception as exc:  # torch-pruning's index mapping fails on some layouts
+            visited.add(module)
+            excluded[name] = f"torch-pruning could not map its channels ({type(exc).__name__}: {exc})"
+            continue
+        for dep, _ in group:
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                visited.add(dep.target.module)
+        yield name, group
+
+
+def find_channel_groups(
+    model: nn.Module,
+    example_inputs,
+    ignore: Sequence[str] = (),
+    min_size: int = 2,
+) -> ChannelGroups:
+    """Find the prunable groups of coupled channels of ``model``.
+
+    ``example_inputs`` is what ``model`` is called with (a tensor, a tuple or a dict).
+    ``ignore`` holds ``fnmatch`` patterns of qualified module names whose output
+    channels must not change; groups containing them are left out. Groups whose
+    channels reach the model's outputs are always left out. Every left-out group is
+    listed in ``ChannelGroups.excluded`` with the reason.
+    """
+    from pnp.core.cost import layer_costs
+
+    if isinstance(ignore, str):
+        ignore = [ignore]
+    names = {m: n for n, m in model.named_modules()}
+    ignored = {m for m, n in names.items() if n and any(fnmatch.fnmatchcase(n, p) for p in ignore)}
+
+    graph = build_dependency_graph(model, example_inputs)
+    groups: list[ChannelGroup] = []
+    excluded: dict[str, str] = {}
+    for root_name, tp_group in _all_groups(graph, names, excluded):
+        reason = _leaves_model(tp_group, graph) or _through_channel_shuffle(tp_group)
+        members: list[ChannelMember] = []
+        block_parts = []
+        for item in tp_group:
+            dep, idxs = item.dep, item.idxs
+            module = dep.target.module
+            if not isinstance(module, nn.Module) or module not in names:
+                continue  # graph-only ops: concat, split, add, ...
+            side = IN if _is_consumer(graph, module, dep.handler) else OUT
+            if side == OUT and module in ignored and reason is None:
+                reason = f"it contains the ignored layer {names[module]!r}"
+            indices = torch.as_tensor(idxs, dtype=torch.long)
+            root_indices = torch.as_tensor(item.root_idxs, dtype=torch.long)
+            groups_attr = getattr(module, "groups", 1) if isinstance(module, nn.modules.conv._ConvNd) else 1
+            members.append(ChannelMember(names[module], side, indices, root_indices, groups_attr))
+            blocks = _block_ids(module, side, indices)
+            if blocks is not None:
+                block_parts.append((root_indices, blocks))
+        size = len(tp_group[0].idxs)
+        if reason is None and not any(m.side == IN for m in members):
+            reason = "no layer consumes its channels"
+        if reason is None and size < min_size:
+            reason = f"it has {size} channel(s), fewer than min_size={min_size}"
+        blocks = _combine_blocks(size, block_parts)
+        if isinstance(blocks, str):
+            reason = reason or blocks
+            blocks = None
+        if reason is not None:
+            excluded[root_name] = reason
+            continue
+        groups.append(ChannelGroup(root_name, size, tuple(members), blocks))
+
+    result = ChannelGroups(groups, excluded, example_inputs)
+    result.layer_costs = layer_costs(model, example_inputs, result)
+    for g in result:
+        g.flops_per_channel, g.params_per_channel = _marginal_costs(result, g)
+    return result
+
+
+def _marginal_costs(groups: ChannelGroups, group: ChannelGroup) -> tuple[float, float]:
+    """FLOPs and params that one channel of ``group`` costs in the full model."""
+    from pnp.core.cost import CostModel
+
+    model = CostModel(groups)
+    full = {g.name: torch.ones(g.size) for g in groups}
+    flops_full, params_full = model.flops(full), model.params(full)
+    minus = dict(full)
+    minus[group.name] = torch.zeros(group.size)
+    flops_empty, params_empty = model.flops(minus), model.params(minus)
+    return (float(flops_full - flops_empty) / group.size, float(params_full - params_empty) / group.size)
+
+
+def legalize_keep(
+    groups: ChannelGroups,
+    keep: Mapping[str, torch.Tensor],
+    scores: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Adjust keep decisions to the nearest ones the structure allows.
+
+    Groups feeding grouped convolutions must keep the same number of channels in
+    every block; the count is the median of the blocks' counts (the fewest flips),
+    and channels are added or dropped by ``scores`` (keep probabilities) when given.
+    Returns the legal decisions and, for each adjusted group, what changed.
+    """
+    checked = groups.check_keep(keep)
+    adjusted: dict[str, str] = {}
+    out = {}
+    for g in groups:
+        k = checked[g.name]
+        if g.blocks is None:
+            out[g.name] = k
+            continue
+        score = k.float() if scores is None or g.name not in scores else scores[g.name].detach().float().cpu()
+        # kept channels rank first, then by score, so flips are as few as possible
+        rank = k.float() * 2.0 + score.clamp(0, 1)
+        counts = torch.bincount(g.blocks[k], minlength=g.num_blocks)
+        target = max(1, int(counts.float().median().round().item()))
+        legal = torch.zeros_like(k)
+        for b in range(g.num_blocks):
+            idx = (g.blocks == b).nonzero().flatten()
+            top = idx[torch.argsort(rank[idx], descending=True, stable=True)[:target]]
+            legal[top] = True
+        flips = int((legal != k).sum())
+        if flips:
+            adjusted[g.name] = (
+                f"{flips} channel(s) flipped so that each of its {g.num_blocks} blocks "
+                f"(grouped convolution) keeps {target}"
+            )
+        out[g.name] = legal
+    return out, adjusted
+
+
+def check_keep_ratio(ratio: float, field_name: str = "keep ratio") -> float:
+    """Raise unless ``ratio`` is in (0, 1]."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field_name} {ratio!r} is not a number; use a value in (0, 1]") from None
+    if not (0.0 < value <= 1.0) or math.isnan(value):
+        raise ValueError(f"{field_name} {ratio} is outside (0, 1]; use a value such as 0.5")
+    return value
+
+
+def keep_from_ratio(groups: ChannelGroups, ratio: float, scores: Mapping[str, torch.Tensor] | None = None, generator=None):
+    """Keep ``ratio`` of every group's channels: the highest-scored, or random ones."""
+    ratio = check_keep_ratio(ratio)
+    keep = {}
+    for g in groups:
+        n = max(1, int(round(g.size * ratio)))
+        if scores is not None:
+            order = torch.argsort(scores[g.name].detach().float().cpu(), descending=True, stable=True)
+        else:
+            order = torch.randperm(g.size, generator=generator)
+        k = torch.zeros(g.size, dtype=torch.bool)
+        k[order[:n]] = True
+        keep[g.name] = k
+    return keep

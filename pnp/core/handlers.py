@@ -1,0 +1,131 @@
+"""Per-layer channel handlers.
+
+torch-pruning removes channels layer by layer through a table of pruning
+functions, one per layer type. pnp replaces its convolution entry with one that
+also handles grouped convolutions whose blocks keep *different* channels (each
+block keeps the same number), which torch-pruning's own handler does not.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning.pruner import function as tp_function
+
+
+def _block_keep(total: int, groups: int, removed: Sequence[int], what: str, layer: nn.Module) -> list[torch.Tensor]:
+    """Kept local indices of each block; every block must keep as many as the others."""
+    width = total // groups
+    removed_set = set(int(i) for i in removed)
+    kept = [
+        torch.tensor([j for j in range(width) if b * width + j not in removed_set], dtype=torch.long)
+        for b in range(groups)
+    ]
+    counts = {len(k) for k in kept}
+    if len(counts) != 1:
+        raise ValueError(
+            f"cannot remove {what} channels {sorted(removed_set)[:8]}... of grouped convolution {layer}: "
+            f"its {groups} blocks would keep {sorted(counts)} channels; every block must keep the same "
+            "number (use pnp.legalize_keep)"
+        )
+    return kept
+
+
+class ConvChannelHandler(tp_function.ConvPruner):
+    """torch-pruning's convolution handler, extended to grouped convolutions."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if layer.groups > 1 and not _is_depthwise(layer):
+            _block_keep(layer.out_channels, layer.groups, idxs, "output", layer)
+        return super().prune_out_channels(layer, idxs)
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        if layer.groups == 1 or _is_depthwise(layer):
+            return super().prune_in_channels(layer, idxs)
+        kept = _block_keep(layer.in_channels, layer.groups, idxs, "input", layer)
+        dim = 0 if layer.transposed else 1
+        out_dim = 1 - dim
+        weight = layer.weight.detach()
+        rows_per_block = weight.shape[out_dim] // layer.groups
+        pieces = []
+        for b, local in enumerate(kept):
+            block = weight.narrow(out_dim, b * rows_per_block, rows_per_block)
+            pieces.append(block.index_select(dim, local.to(weight.device)))
+        layer.weight = nn.Parameter(torch.cat(pieces, dim=out_dim).contiguous())
+        layer.in_channels = layer.in_channels - len(idxs)
+        return layer
+
+
+def _is_depthwise(layer: nn.Module) -> bool:
+    return layer.groups == layer.out_channels and layer.groups == layer.in_channels
+
+
+_CONV_HANDLER = ConvChannelHandler()
+
+
+class DependencyGraph(tp.DependencyGraph):
+    """torch-pruning's graph, told apart from reshapes it cannot follow.
+
+    torch-pruning maps channel indices through flattening (a reshape feeding a
+    Linear layer) but not through channel shuffles (view, transpose, view). Such
+    reshapes are marked ``pnp_channel_shuffle`` and treated as element-wise so the
+    graph still builds; groups that cross them are left out by the caller.
+    """
+
+    def _trace(self, model, example_inputs, forward_fn, output_transform):
+        module2node = super()._trace(model, example_inputs, forward_fn, output_transform)
+        for node in module2node.values():
+            if node.type == tp.ops.OPTYPE.RESHAPE and not _feeds_linear(node):
+                node.type = tp.ops.OPTYPE.ELEMENTWISE
+                node.pnp_channel_shuffle = True
+        return module2node
+
+
+def _feeds_linear(node, depth: int = 0) -> bool:
+    if depth > 8 or not node.outputs:
+        return False
+    for out in node.outputs:
+        if out.type == tp.ops.OPTYPE.LINEAR:
+            continue
+        if out.type == tp.ops.OPTYPE.RESHAPE and _feeds_linear(out, depth + 1):
+            continue
+        return False
+    return True
+
+
+def make_dependency_graph() -> tp.DependencyGraph:
+    """A torch-pruning dependency graph whose convolution handler is pnp's."""
+    graph = DependencyGraph()
+    graph.REGISTERED_PRUNERS[tp.ops.OPTYPE.CONV] = _CONV_HANDLER
+    graph._in_channel_pruning_fn = {p.prune_in_channels for p in graph.REGISTERED_PRUNERS.values() if p is not None}
+    graph._out_channel_pruning_fn = {p.prune_out_channels for p in graph.REGISTERED_PRUNERS.values() if p is not None}
+    return graph
+
+
+def handler_for(module: nn.Module):
+    """The channel handler of one layer, or None for layers without channels."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups > 1 and _is_depthwise(module):
+            return tp_function.PrunerBox[tp.ops.OPTYPE.DEPTHWISE_CONV]
+        return _CONV_HANDLER
+    return tp_function.PrunerBox.get(tp.ops.module2type(module))
+
+
+def shrink_module(module: nn.Module, kept_out: Sequence[int] | None, kept_in: Sequence[int] | None) -> None:
+    """Remove every channel of ``module`` not in ``kept_out`` / ``kept_in``, in place."""
+    handler = handler_for(module)
+    if handler is None:
+        raise ValueError(f"no channel handler for layer type {type(module).__name__}")
+    if kept_out is not None:
+        total = handler.get_out_channels(module)
+        removed = sorted(set(range(total)) - set(int(i) for i in kept_out))
+        if removed:
+            handler.prune_out_channels(module, removed)
+    if kept_in is not None and handler.prune_in_channels != handler.prune_out_channels:
+        total = handler.get_in_channels(module)
+        removed = sorted(set(range(total)) - set(int(i) for i in kept_in))
+        if removed:
+            handler.prune_in_channels(module, removed)

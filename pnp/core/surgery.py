@@ -1,0 +1,205 @@
+"""One-shot surgery: remove every dropped channel at once, giving a smaller dense model."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from pnp.core.groups import IN, OUT, ChannelGroups, build_dependency_graph, legalize_keep, run_model
+from pnp.core.handlers import handler_for
+
+
+class SurgeryMismatchError(RuntimeError):
+    """The pruned model does not compute what the gated original computes."""
+
+
+@dataclass
+class ChannelSpec:
+    """Which original channels each changed layer kept.
+
+    ``modules`` maps a qualified module name (in the original model) to
+    ``{"kept_out": [...], "kept_in": [...]}`` (only the sides that changed) and
+    ``groups`` maps group names to their kept channel indices.
+    """
+
+    modules: dict[str, dict[str, list[int]]]
+    groups: dict[str, list[int]]
+    group_sizes: dict[str, int]
+    adjustments: dict[str, str] = field(default_factory=dict)
+
+    def kept_fraction(self) -> dict[str, float]:
+        return {name: len(kept) / self.group_sizes[name] for name, kept in self.groups.items()}
+
+
+def channel_spec(model: nn.Module, groups: ChannelGroups, keep: Mapping[str, torch.Tensor], adjustments=None) -> ChannelSpec:
+    """The per-module kept indices that ``keep`` implies for ``model``."""
+    modules = dict(model.named_modules())
+    removed: dict[tuple[str, str], set[int]] = {}
+    for g in groups:
+        dropped = ~keep[g.name]
+        for m in g.members:
+            hit = dropped[m.root_indices]
+            removed.setdefault((m.module, m.side), set()).update(m.indices[hit].tolist())
+    spec: dict[str, dict[str, list[int]]] = {}
+    for (name, side), gone in sorted(removed.items()):
+        if not gone:
+            continue
+        module = modules[name]
+        handler = handler_for(module)
+        total = handler.get_out_channels(module) if side == OUT else handler.get_in_channels(module)
+        kept = [i for i in range(total) if i not in gone]
+        entry = spec.setdefault(name, {})
+        entry["kept_out" if side == OUT else "kept_in"] = kept
+        if side == OUT and handler.prune_in_channels == handler.prune_out_channels and isinstance(module, nn.Conv2d):
+            entry["kept_in"] = kept  # depthwise: input and output channels go together
+    group_keep = {g.name: keep[g.name].nonzero().flatten().tolist() for g in groups}
+    return ChannelSpec(spec, group_keep, {g.name: g.size for g in groups}, dict(adjustments or {}))
+
+
+def apply_surgery(
+    model: nn.Module,
+    groups: ChannelGroups,
+    keep: Mapping[str, torch.Tensor],
+    example_inputs=None,
+    verify: bool = False,
+    legalize: bool = True,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> nn.Module:
+    """Return a copy of ``model`` with every channel that ``keep`` drops removed.
+
+    ``keep`` maps group names to bool vectors of the group's size; groups not
+    named keep all channels. With ``legalize=True`` decisions that the structure
+    cannot realise (grouped convolutions) are moved to the nearest legal ones and a
+    warning says so. With ``verify=True`` the gated original and the pruned model
+    are run on ``example_inputs`` and a :class:`SurgeryMismatchError` names the first
+    layer where they differ. The returned model carries its :class:`ChannelSpec` as
+    ``model.pnp_channel_spec``; ``model`` itself is not changed.
+    """
+    keep = groups.check_keep(keep)
+    adjustments: dict[str, str] = {}
+    if legalize:
+        keep, adjustments = legalize_keep(groups, keep)
+        for name, what in adjustments.items():
+            warnings.warn(f"group {name!r}: {what}", stacklevel=2)
+    example_inputs = groups.example_inputs if example_inputs is None else example_inputs
+    spec = channel_spec(model, groups, keep, adjustments)
+
+    pruned = copy.deepcopy(model)
+    if hasattr(pruned, "pnp_channel_spec"):
+        del pruned.pnp_channel_spec
+    graph = build_dependency_graph(pruned, example_inputs)
+    modules = dict(pruned.named_modules())
+    for g in groups:
+        dropped = (~keep[g.name]).nonzero().flatten().tolist()
+        if not dropped:
+            continue
+        root = modules[g.name]
+        pruner = graph.get_pruner_of_module(root)
+        graph.get_pruning_group(root, pruner.prune_out_channels, dropped).prune(record_history=False)
+    pruned.pnp_channel_spec = spec
+    if verify:
+        verify_surgery(model, pruned, groups, keep, example_inputs, atol=atol, rtol=rtol)
+    return pruned
+
+
+def _channel_dim(module: nn.Module) -> int:
+    return -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
+
+
+def _record_outputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], list]:
+    outputs: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name or any(True for _ in module.children()):
+            continue
+
+        def hook(mod, args, out, name=name):
+            if isinstance(out, torch.Tensor) and name not in outputs:
+                outputs[name] = out.detach()
+                order.append(name)
+
+        handles.append(module.register_forward_hook(hook))
+    return outputs, order, handles
+
+
+def verify_surgery(
+    original: nn.Module,
+    pruned: nn.Module,
+    groups: ChannelGroups,
+    keep: Mapping[str, torch.Tensor],
+    example_inputs,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> float:
+    """Check ``pruned`` against ``original`` gated by ``keep``; return the max output difference.
+
+    Raises :class:`SurgeryMismatchError` naming the first layer (in execution
+    order) whose kept outputs differ.
+    """
+    from pnp.core.gating import GatedModel
+
+    spec: ChannelSpec = pruned.pnp_channel_spec
+    masks = {name: k.float() for name, k in keep.items()}
+    states = original.training, pruned.training
+    original.eval()
+    pruned.eval()
+    gated = GatedModel(original, groups)
+    ref, order, h1 = _record_outputs(original)
+    got, _, h2 = _record_outputs(pruned)
+    try:
+        with torch.no_grad():
+            expected = gated(*_as_args(example_inputs), masks=masks) if not isinstance(example_inputs, Mapping) else gated(masks=masks, **example_inputs)
+            actual = run_model(pruned, example_inputs)
+    finally:
+        for h in h1 + h2:
+            h.remove()
+        gated.remove()
+        original.train(states[0])
+        pruned.train(states[1])
+    expected_t, actual_t = _first_tensor(expected), _first_tensor(actual)
+    diff = (expected_t - actual_t).abs().max().item() if expected_t.shape == actual_t.shape else float("inf")
+    scale = expected_t.abs().max().item()
+    if diff <= atol + rtol * scale:
+        return diff
+    modules = dict(original.named_modules())
+    for name in order:
+        if name not in got:
+            continue
+        e, a = ref[name], got[name]
+        kept = spec.modules.get(name, {}).get("kept_out")
+        if kept is not None:
+            e = e.index_select(_channel_dim(modules[name]) % e.dim(), torch.tensor(kept, device=e.device))
+        if e.shape != a.shape:
+            raise SurgeryMismatchError(
+                f"pruned model differs from the gated original first at layer {name!r}: "
+                f"output shape {tuple(a.shape)} instead of {tuple(e.shape)}"
+            )
+        layer_diff = (e - a).abs().max().item()
+        if layer_diff > atol + rtol * e.abs().max().item():
+            raise SurgeryMismatchError(
+                f"pruned model differs from the gated original first at layer {name!r} "
+                f"(max abs difference {layer_diff:.3g})"
+            )
+    raise SurgeryMismatchError(
+        f"pruned model's output differs from the gated original's (max abs difference {diff:.3g}), "
+        "though no layer's kept outputs differ"
+    )
+
+
+def _as_args(example_inputs):
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping):
+        return _first_tensor(next(iter(out.values())))
+    return _first_tensor(out[0])
