@@ -210,6 +210,9 @@ def run_model(model: nn.Module, example_inputs):
 def build_dependency_graph(model: nn.Module, example_inputs, ignored_modules=()) -> tp.DependencyGraph:
     """Trace ``model`` into torch-pruning's dependency graph, with errors that name the layer."""
     was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:  # the tracer follows autograd, which skips frozen weights
+        p.requires_grad_(True)
     failed_in: list[str] = []
     try:
         with torch.enable_grad(), warnings.catch_warnings():
@@ -233,6 +236,8 @@ def build_dependency_graph(model: nn.Module, example_inputs, ignored_modules=())
         ) from exc
     finally:
         model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(False)
     return graph
 
 
@@ -336,7 +341,7 @@ def find_channel_groups(
     channels reach the model's outputs are always left out. Every left-out group is
     listed in ``ChannelGroups.excluded`` with the reason.
     """
-    from pnp.core.cost import layer_costs
+    from pnp.core.cost import CostModel, layer_costs
 
     if isinstance(ignore, str):
         ignore = [ignore]
@@ -346,7 +351,9 @@ def find_channel_groups(
     graph = build_dependency_graph(model, example_inputs)
     groups: list[ChannelGroup] = []
     excluded: dict[str, str] = {}
-    for root_name, tp_group in _all_groups(graph, names, excluded):
+    with graph.channels_unchanged():  # nothing is pruned while groups are listed
+        tp_groups = list(_all_groups(graph, names, excluded))
+    for root_name, tp_group in tp_groups:
         reason = _leaves_model(tp_group, graph) or _through_channel_shuffle(tp_group)
         members: list[ChannelMember] = []
         block_parts = []
@@ -381,22 +388,10 @@ def find_channel_groups(
 
     result = ChannelGroups(groups, excluded, example_inputs)
     result.layer_costs = layer_costs(model, example_inputs, result)
+    marginal = CostModel(result).marginal_costs()
     for g in result:
-        g.flops_per_channel, g.params_per_channel = _marginal_costs(result, g)
+        g.flops_per_channel, g.params_per_channel = marginal[g.name]
     return result
-
-
-def _marginal_costs(groups: ChannelGroups, group: ChannelGroup) -> tuple[float, float]:
-    """FLOPs and params that one channel of ``group`` costs in the full model."""
-    from pnp.core.cost import CostModel
-
-    model = CostModel(groups)
-    full = {g.name: torch.ones(g.size) for g in groups}
-    flops_full, params_full = model.flops(full), model.params(full)
-    minus = dict(full)
-    minus[group.name] = torch.zeros(group.size)
-    flops_empty, params_empty = model.flops(minus), model.params(minus)
-    return (float(flops_full - flops_empty) / group.size, float(params_full - params_empty) / group.size)
 
 
 def legalize_keep(

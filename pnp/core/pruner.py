@@ -1,0 +1,147 @@
+"""The pruner network: the target's own architecture with a multitask keep/prune head.
+
+The pruner sees the same input as the target and outputs, for every channel of
+every group, a binary keep decision. Decisions are hard (0 or 1) in the forward
+pass; in the backward pass the gradient flows through the keep probability
+``sigmoid(logit / temperature)`` (straight-through estimator). Optional logistic
+noise on the logits (a Gumbel-sigmoid relaxation) lets training explore.
+
+The original "Network Pruning Network" paper's full text was not available to us:
+the binarisation, the head's initialisation and the read-out are pnp's own
+reconstruction.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from pnp.core.groups import ChannelGroups, run_model
+
+MASK_MODES = ("sample", "batch")
+
+
+class MultiTaskHead(nn.Module):
+    """One logit per channel of every group, from the features the target's classifier read."""
+
+    def __init__(self, in_features: int, total: int, init_keep: float, spatial: bool):
+        super().__init__()
+        self.spatial = spatial
+        self.linear = nn.Linear(in_features, total)
+        nn.init.normal_(self.linear.weight, std=0.01 / math.sqrt(max(1, in_features)) * 10)
+        nn.init.constant_(self.linear.bias, math.log(init_keep / (1.0 - init_keep)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spatial and x.dim() > 2:
+            x = x.flatten(2).mean(-1)
+        return self.linear(x)
+
+
+def find_head_layer(model: nn.Module, example_inputs) -> str:
+    """Name of the Linear/Conv layer whose output is the model's output."""
+    names = {m: n for n, m in model.named_modules()}
+    last: dict[str, torch.Tensor] = {}
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: last.__setitem__(names[mod], out))
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = run_model(model, example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    out = out if isinstance(out, torch.Tensor) else next(iter(out.values())) if isinstance(out, Mapping) else out[0]
+    for name, value in last.items():
+        if value is out or (isinstance(value, torch.Tensor) and value.shape == out.shape and value.data_ptr() == out.data_ptr()):
+            return name
+    raise ValueError(
+        f"{type(model).__name__}'s output is not produced directly by a Linear or Conv layer "
+        "(other operations follow its last layer); pass head_layer='<name>' naming the layer "
+        "whose input the pruner's head should read"
+    )
+
+
+class PrunerNetwork(nn.Module):
+    """Same architecture as ``target`` (its weights by default), ending in a multitask head.
+
+    ``forward(x)`` returns ``{group name: mask}`` with masks ``[N, size]``
+    (``mask_mode="sample"``) or ``[size]`` (``"batch"``: one decision per batch).
+    """
+
+    def __init__(
+        self,
+        target: nn.Module,
+        groups: ChannelGroups,
+        example_inputs=None,
+        head_layer: str | None = None,
+        init_from_target: bool = True,
+        temperature: float = 1.0,
+        init_keep: float = 0.9,
+        noise: float = 0.0,
+        mask_mode: str = "sample",
+    ):
+        super().__init__()
+        if mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode {mask_mode!r} is not one of {MASK_MODES}")
+        if not 0.0 < init_keep < 1.0:
+            raise ValueError(f"init_keep {init_keep} must be in (0, 1): the starting keep probability")
+        if temperature <= 0:
+            raise ValueError(f"temperature {temperature} must be > 0")
+        example_inputs = groups.example_inputs if example_inputs is None else example_inputs
+        head_layer = head_layer or find_head_layer(target, example_inputs)
+        trunk = copy.deepcopy(target)
+        trunk.requires_grad_(True)
+        if not init_from_target:
+            for m in trunk.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+        modules = dict(trunk.named_modules())
+        if head_layer not in modules:
+            raise ValueError(f"head_layer {head_layer!r} is not a module of {type(target).__name__}")
+        old = modules[head_layer]
+        if isinstance(old, nn.Linear):
+            head = MultiTaskHead(old.in_features, groups.total_channels, init_keep, spatial=False)
+        elif isinstance(old, nn.modules.conv._ConvNd):
+            head = MultiTaskHead(old.in_channels, groups.total_channels, init_keep, spatial=True)
+        else:
+            raise ValueError(f"head_layer {head_layer!r} is a {type(old).__name__}; it must be a Linear or Conv layer")
+        parent_name, _, child = head_layer.rpartition(".")
+        setattr(modules[parent_name] if parent_name else trunk, child, head)
+        self.trunk = trunk
+        self.head_layer = head_layer
+        self.group_names = list(groups.names)
+        self.group_sizes = [g.size for g in groups]
+        self.temperature = float(temperature)
+        self.noise = float(noise)
+        self.mask_mode = mask_mode
+
+    def logits(self, *args, **kwargs) -> torch.Tensor:
+        out = self.trunk(*args, **kwargs)
+        return out.flatten(1)
+
+    def _split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.group_names, flat.split(self.group_sizes, dim=-1)))
+
+    def keep_probabilities(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Keep probability of every channel, per sample: ``{group: [N, size]}``."""
+        return self._split(torch.sigmoid(self.logits(*args, **kwargs) / self.temperature))
+
+    def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        logits = self.logits(*args, **kwargs)
+        if self.training and self.noise > 0:
+            u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+            logits = logits + self.noise * (torch.log(u) - torch.log1p(-u))
+        prob = torch.sigmoid(logits / self.temperature)
+        if self.mask_mode == "batch":
+            prob = prob.mean(0)
+        hard = (prob > 0.5).to(prob.dtype)
+        return self._split(hard + prob - prob.detach())

@@ -1,0 +1,150 @@
+"""From keep probabilities to one static architecture.
+
+The pruner decides per input; surgery needs one decision per channel. Keep
+probabilities are averaged over a calibration set (summed across processes when
+running distributed, so every rank reads out the same architecture), then
+thresholded, with a floor (``min_channels``), rounding of keep counts to
+multiples of ``round_to`` for real speed, and, optionally, the threshold bisected
+until the pruned model meets a FLOPs or params budget.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+
+from pnp.core.cost import CostModel
+from pnp.core.groups import ChannelGroups, legalize_keep
+
+
+class KeepScores:
+    """Running mean of keep probabilities per channel, over batches and processes."""
+
+    def __init__(self, groups: ChannelGroups):
+        self.groups = groups
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in self.groups}
+        self._count = torch.zeros((), dtype=torch.float64)
+
+    def update(self, probabilities: Mapping[str, torch.Tensor]) -> None:
+        """Add a batch of ``{group: [N, size]}`` (or ``[size]``) probabilities."""
+        n = None
+        for name, p in probabilities.items():
+            p = p.detach().to("cpu", torch.float64)
+            if p.dim() == 1:
+                p = p.unsqueeze(0)
+            self._sums[name] += p.sum(0)
+            n = p.shape[0]
+        if n is not None:
+            self._count += n
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Mean probability per channel, all-reduced across processes if distributed."""
+        sums = torch.cat([self._sums[g.name] for g in self.groups] + [self._count.reshape(1)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            backend = torch.distributed.get_backend()
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            reduced = sums.to(device)
+            torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
+            sums = reduced.cpu()
+        count = float(sums[-1])
+        if count == 0:
+            raise RuntimeError("no keep probabilities were accumulated: the calibration loader was empty")
+        means = (sums[:-1] / count).float().split([g.size for g in self.groups])
+        return dict(zip((g.name for g in self.groups), means))
+
+
+def _rounded_count(count: int, size: int, round_to: int, min_channels: int) -> int:
+    floor = min(size, max(1, min_channels))
+    if round_to > 1 and size >= round_to:
+        count = int(round(count / round_to)) * round_to
+        floor = min(size, max(floor, round_to))
+    return max(floor, min(size, count))
+
+
+def _decide_at(groups, scores, threshold: float, min_channels: int, round_to: int) -> dict[str, torch.Tensor]:
+    keep = {}
+    for g in groups:
+        s = scores[g.name]
+        count = _rounded_count(int((s > threshold).sum()), g.size, round_to, min_channels)
+        order = torch.argsort(s, descending=True, stable=True)
+        k = torch.zeros(g.size, dtype=torch.bool)
+        k[order[:count]] = True
+        keep[g.name] = k
+    return keep
+
+
+def decide_keep(
+    groups: ChannelGroups,
+    scores: Mapping[str, torch.Tensor],
+    threshold: float = 0.5,
+    min_channels: int = 1,
+    round_to: int = 1,
+    budget: float | None = None,
+    metric: str = "flops",
+    iterations: int = 40,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Static keep decisions from per-channel keep scores (probabilities in [0, 1]).
+
+    Without ``budget`` a channel is kept when its score exceeds ``threshold``. With
+    ``budget`` (fraction of ``metric`` to keep), the threshold is bisected to the
+    lowest value whose pruned model meets the budget, keeping as much as allowed.
+    Returns the decisions and ``info`` (threshold used, predicted FLOPs/params
+    fractions, adjustments made for grouped convolutions).
+    """
+    if metric not in ("flops", "params"):
+        raise ValueError(f"metric {metric!r} is not 'flops' or 'params'")
+    if int(min_channels) < 1:
+        raise ValueError(f"min_channels {min_channels} must be >= 1")
+    if int(round_to) < 1:
+        raise ValueError(f"round_to {round_to} must be >= 1")
+    if budget is not None and not (0.0 < float(budget) <= 1.0):
+        raise ValueError(f"budget {budget} is outside (0, 1]: it is the fraction of {metric} to keep")
+    scores = {name: torch.as_tensor(s).detach().float().cpu() for name, s in scores.items()}
+    for g in groups:
+        if g.name not in scores:
+            raise KeyError(f"scores has no entry for group {g.name!r}")
+        if scores[g.name].shape != (g.size,):
+            raise ValueError(f"scores[{g.name!r}] has shape {tuple(scores[g.name].shape)}; expected ({g.size},)")
+    cost = CostModel(groups)
+    fraction = cost.flops_fraction if metric == "flops" else cost.params_fraction
+
+    def decide(t: float):
+        keep, adjusted = legalize_keep(groups, _decide_at(groups, scores, t, min_channels, round_to), scores)
+        return keep, adjusted
+
+    if budget is None:
+        keep, adjusted = decide(threshold)
+    else:
+        lo, hi = -1e-6, 1.0 + 1e-6  # threshold lo keeps everything; hi keeps the floor
+        keep_hi, adjusted_hi = decide(hi)
+        floor = float(fraction(keep_hi))
+        if floor > budget + 1e-9:
+            raise ValueError(
+                f"budget {budget} cannot be met: even keeping min_channels={min_channels} "
+                f"(round_to={round_to}) per group keeps {floor:.3f} of the {metric}"
+            )
+        keep, adjusted = decide(lo)
+        if float(fraction(keep)) > budget:
+            keep, adjusted = keep_hi, adjusted_hi
+            for _ in range(iterations):
+                mid = 0.5 * (lo + hi)
+                k_mid, a_mid = decide(mid)
+                if float(fraction(k_mid)) <= budget:
+                    hi, keep, adjusted = mid, k_mid, a_mid
+                else:
+                    lo = mid
+            threshold = hi
+    info = {
+        "threshold": float(threshold),
+        "flops_fraction": float(cost.flops_fraction(keep)),
+        "params_fraction": float(cost.params_fraction(keep)),
+        "channels_kept": int(sum(int(k.sum()) for k in keep.values())),
+        "channels_total": groups.total_channels,
+        "adjustments": adjusted,
+    }
+    return keep, info

@@ -1,0 +1,137 @@
+"""Training the pruner network against a frozen target, in Lightning."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+
+from pnp.core.gating import GatedModel
+from pnp.core.groups import ChannelGroups
+from pnp.core.losses import PrunerLoss
+from pnp.core.pruner import PrunerNetwork
+from pnp.core.readout import KeepScores
+
+
+class PrunerModule(pl.LightningModule):
+    """Learns keep decisions: task loss through the gated, frozen target plus sparsity.
+
+    ``trainer.fit`` trains the pruner; ``trainer.test(module, calibration_loader)``
+    averages its keep probabilities over the loader (across all processes) into
+    ``module.keep_scores``, ready for :func:`pnp.decide_keep`.
+    """
+
+    def __init__(
+        self,
+        target: nn.Module,
+        groups: ChannelGroups,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        epochs: int = 5,
+        sparsity: str = "flops",
+        sparsity_weight: float = 1.0,
+        budget: float | None = None,
+        budget_metric: str = "flops",
+        budget_weight: float = 10.0,
+        kd_weight: float = 0.0,
+        kd_temperature: float = 4.0,
+        temperature: float = 1.0,
+        init_keep: float = 0.9,
+        noise: float = 0.0,
+        mask_mode: str = "sample",
+        head_layer: str | None = None,
+    ):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr {lr} must be > 0")
+        if int(epochs) < 1:
+            raise ValueError(f"epochs {epochs} must be >= 1")
+        self.save_hyperparameters(ignore=["target", "groups"])
+        self.groups = groups
+        self.pruner = PrunerNetwork(
+            target,
+            groups,
+            head_layer=head_layer,
+            temperature=temperature,
+            init_keep=init_keep,
+            noise=noise,
+            mask_mode=mask_mode,
+        )
+        self.gated = GatedModel(target, groups, freeze=True)
+        self.objective = PrunerLoss(
+            groups,
+            sparsity=sparsity,
+            sparsity_weight=sparsity_weight,
+            budget=budget,
+            budget_metric=budget_metric,
+            budget_weight=budget_weight,
+            kd_weight=kd_weight,
+            kd_temperature=kd_temperature,
+        )
+        self._scores = KeepScores(groups)
+        self._val_kept: dict[str, torch.Tensor] = {}
+        self._val_count = 0
+        self.keep_scores: dict[str, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.pruner(x)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        masks = self.pruner(x)
+        teacher = None
+        if self.objective.kd_weight > 0:
+            with torch.no_grad():
+                teacher = self.gated(x)
+        logits = self.gated(x, masks=masks)
+        terms = self.objective(logits, y, masks, teacher)
+        acc = (logits.argmax(-1) == y).float().mean() * 100.0
+        on_step = stage == "train"
+        sync = stage != "train"
+        self.log(f"{stage}/loss", terms["loss"], on_step=on_step, on_epoch=True, sync_dist=sync)
+        self.log(f"{stage}/task_loss", terms["task"], on_step=on_step, on_epoch=True, sync_dist=sync)
+        self.log(f"{stage}/sparsity_loss", terms["sparsity"], on_step=on_step, on_epoch=True, sync_dist=sync)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=sync)
+        self.log(f"{stage}/flops_kept", terms["flops_kept"], on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=sync)
+        self.log(f"{stage}/channels_kept", terms["channels_kept"], on_step=False, on_epoch=True, sync_dist=sync)
+        if self.objective.budget is not None:
+            self.log(f"{stage}/budget_loss", terms["budget"], on_step=on_step, on_epoch=True, sync_dist=sync)
+        if self.objective.kd_weight > 0:
+            self.log(f"{stage}/kd_loss", terms["kd"], on_step=on_step, on_epoch=True, sync_dist=sync)
+        if stage == "val":
+            n = x.shape[0]
+            for name, m in masks.items():
+                kept = m.detach().float().reshape(-1, m.shape[-1]).mean(0) * n
+                self._val_kept[name] = self._val_kept.get(name, 0) + kept.sum() / m.shape[-1]
+            self._val_count += n
+        return terms["loss"]
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_kept, self._val_count = {}, 0
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_count:
+            return
+        for name, kept in self._val_kept.items():
+            self.log(f"keep/{name}", kept / self._val_count, sync_dist=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._scores.reset()
+
+    def test_step(self, batch, batch_idx):
+        x = batch[0]
+        self._scores.update(self.pruner.keep_probabilities(x))
+
+    def on_test_epoch_end(self) -> None:
+        self.keep_scores = self._scores.compute()
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.pruner.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(self.hparams.epochs)))
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
