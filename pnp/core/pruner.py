@@ -25,24 +25,48 @@ from pnp.core.groups import ChannelGroups, run_model
 MASK_MODES = ("sample", "batch")
 
 
-class MultiTaskHead(nn.Module):
-    """One logit per channel of every group, from the features the target's classifier read."""
+class _StraightThrough(torch.autograd.Function):
+    """Exactly 0/1 forward; the gradient passes to the probability unchanged."""
 
-    def __init__(self, in_features: int, total: int, init_keep: float, spatial: bool):
+    @staticmethod
+    def forward(ctx, prob: torch.Tensor) -> torch.Tensor:
+        return (prob > 0.5).to(prob.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+class MultiTaskHead(nn.Module):
+    """One logit per channel of every group, from the features the target's classifier read.
+
+    When operations follow the replaced layer in the target's forward, the head
+    keeps its logits in ``captured`` and hands the rest of the network zeros of
+    the replaced layer's output shape (``passthrough_shape``), whose result is
+    discarded.
+    """
+
+    def __init__(self, in_features: int, total: int, init_keep: float, spatial: bool, passthrough_shape=None):
         super().__init__()
         self.spatial = spatial
+        self.passthrough_shape = passthrough_shape
+        self.captured: torch.Tensor | None = None
         self.linear = nn.Linear(in_features, total)
-        nn.init.normal_(self.linear.weight, std=0.01 / math.sqrt(max(1, in_features)) * 10)
+        nn.init.normal_(self.linear.weight, std=0.1 / math.sqrt(max(1, in_features)))
         nn.init.constant_(self.linear.bias, math.log(init_keep / (1.0 - init_keep)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spatial and x.dim() > 2:
             x = x.flatten(2).mean(-1)
-        return self.linear(x)
+        logits = self.linear(x)
+        if self.passthrough_shape is None:
+            return logits
+        self.captured = logits
+        return logits.new_zeros((logits.shape[0], *self.passthrough_shape))
 
 
-def find_head_layer(model: nn.Module, example_inputs) -> str:
-    """Name of the Linear/Conv layer whose output is the model's output."""
+def _layer_outputs(model: nn.Module, example_inputs):
+    """Run ``model`` once; return its output and every Linear/Conv layer's output."""
     names = {m: n for n, m in model.named_modules()}
     last: dict[str, torch.Tensor] = {}
     handles = [
@@ -60,6 +84,12 @@ def find_head_layer(model: nn.Module, example_inputs) -> str:
         for h in handles:
             h.remove()
     out = out if isinstance(out, torch.Tensor) else next(iter(out.values())) if isinstance(out, Mapping) else out[0]
+    return out, last
+
+
+def find_head_layer(model: nn.Module, example_inputs) -> str:
+    """Name of the Linear/Conv layer whose output is the model's output."""
+    out, last = _layer_outputs(model, example_inputs)
     for name, value in last.items():
         if value is out or (isinstance(value, torch.Tensor) and value.shape == out.shape and value.data_ptr() == out.data_ptr()):
             return name
@@ -97,7 +127,15 @@ class PrunerNetwork(nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature {temperature} must be > 0")
         example_inputs = groups.example_inputs if example_inputs is None else example_inputs
-        head_layer = head_layer or find_head_layer(target, example_inputs)
+        passthrough = None
+        if head_layer is None:
+            head_layer = find_head_layer(target, example_inputs)
+        else:
+            out, layer_outputs = _layer_outputs(target, example_inputs)
+            if head_layer not in layer_outputs:
+                raise ValueError(f"head_layer {head_layer!r} is not a Linear or Conv layer that {type(target).__name__} runs")
+            if layer_outputs[head_layer] is not out:
+                passthrough = tuple(layer_outputs[head_layer].shape[1:])
         trunk = copy.deepcopy(target)
         trunk.requires_grad_(True)
         if not init_from_target:
@@ -109,9 +147,9 @@ class PrunerNetwork(nn.Module):
             raise ValueError(f"head_layer {head_layer!r} is not a module of {type(target).__name__}")
         old = modules[head_layer]
         if isinstance(old, nn.Linear):
-            head = MultiTaskHead(old.in_features, groups.total_channels, init_keep, spatial=False)
+            head = MultiTaskHead(old.in_features, groups.total_channels, init_keep, False, passthrough)
         elif isinstance(old, nn.modules.conv._ConvNd):
-            head = MultiTaskHead(old.in_channels, groups.total_channels, init_keep, spatial=True)
+            head = MultiTaskHead(old.in_channels, groups.total_channels, init_keep, True, passthrough)
         else:
             raise ValueError(f"head_layer {head_layer!r} is a {type(old).__name__}; it must be a Linear or Conv layer")
         parent_name, _, child = head_layer.rpartition(".")
@@ -124,8 +162,14 @@ class PrunerNetwork(nn.Module):
         self.noise = float(noise)
         self.mask_mode = mask_mode
 
+    @property
+    def head(self) -> MultiTaskHead:
+        return self.trunk.get_submodule(self.head_layer)
+
     def logits(self, *args, **kwargs) -> torch.Tensor:
         out = self.trunk(*args, **kwargs)
+        if self.head.passthrough_shape is not None:
+            out, self.head.captured = self.head.captured, None
         return out.flatten(1)
 
     def _split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -143,5 +187,4 @@ class PrunerNetwork(nn.Module):
         prob = torch.sigmoid(logits / self.temperature)
         if self.mask_mode == "batch":
             prob = prob.mean(0)
-        hard = (prob > 0.5).to(prob.dtype)
-        return self._split(hard + prob - prob.detach())
+        return self._split(_StraightThrough.apply(prob))

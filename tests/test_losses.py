@@ -1,0 +1,62 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import pnp
+
+
+def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(8, 10)
+    assert pnp.kd_loss(logits, logits.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    assert pnp.kd_loss(logits, torch.randn(8, 10)).item() > 0
+    with pytest.raises(ValueError, match="temperature"):
+        pnp.kd_loss(logits, logits, temperature=0)
+
+
+def test_feature_distillation_cuts_teacher_to_kept_channels():
+    teacher = torch.randn(2, 6, 4, 4)
+    kept = torch.tensor([0, 2, 5])
+    student = teacher[:, kept].clone()
+    assert pnp.feature_distillation_loss([student], [teacher], [kept]).item() == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        pnp.feature_distillation_loss([student], [teacher])
+
+
+@pytest.fixture
+def groups():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    return pnp.find_channel_groups(model.eval(), x)
+
+
+def test_flops_sparsity_equals_flops_fraction_of_the_masks(groups):
+    cost = pnp.CostModel(groups)
+    loss = pnp.PrunerLoss(groups, sparsity="flops")
+    half = {g.name: (torch.arange(g.size) < g.size // 2).float() for g in groups}
+    terms = loss(torch.randn(2, 4), torch.zeros(2, dtype=torch.long), half)
+    assert terms["sparsity"].item() == pytest.approx(float(cost.flops_fraction(half)), rel=1e-5)
+    assert terms["sparsity"].item() < 0.6
+
+
+def test_budget_term_is_zero_under_budget_and_grows_over_it(groups):
+    loss = pnp.PrunerLoss(groups, budget=0.5)
+    full = {g.name: torch.ones(g.size) for g in groups}
+    tiny = {g.name: (torch.arange(g.size) < 1).float() for g in groups}
+    y = torch.zeros(2, dtype=torch.long)
+    assert loss(torch.randn(2, 4), y, tiny)["budget"].item() == 0.0
+    assert loss(torch.randn(2, 4), y, full)["budget"].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"sparsity": "l1"}, "sparsity"),
+        ({"budget": 1.5}, "budget"),
+        ({"budget_metric": "latency"}, "budget_metric"),
+        ({"sparsity_weight": -1}, "sparsity_weight"),
+    ],
+)
+def test_bad_loss_settings_name_the_field(groups, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        pnp.PrunerLoss(groups, **kwargs)

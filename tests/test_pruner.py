@@ -1,0 +1,117 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import pnp
+
+
+def small_cnn(num_classes=5):
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
+    ).eval()
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    model = small_cnn()
+    x = torch.randn(4, 3, 12, 12)
+    return model, pnp.find_channel_groups(model, x), x
+
+
+def test_pruner_outputs_binary_masks_per_sample(setup):
+    model, groups, x = setup
+    pruner = pnp.PrunerNetwork(model, groups)
+    masks = pruner(x)
+    assert list(masks) == groups.names
+    for g in groups:
+        assert masks[g.name].shape == (4, g.size)
+        assert set(masks[g.name].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_head_replaces_the_classifier_and_trunk_starts_from_target_weights(setup):
+    model, groups, x = setup
+    pruner = pnp.PrunerNetwork(model, groups)
+    assert pruner.head_layer == "8"
+    assert pruner.trunk[8].linear.out_features == groups.total_channels
+    assert torch.equal(pruner.trunk[0].weight, model[0].weight)
+    assert pruner.trunk[0].weight is not model[0].weight  # a copy: training it leaves the target alone
+    fresh = pnp.PrunerNetwork(model, groups, init_from_target=False)
+    assert not torch.equal(fresh.trunk[0].weight, model[0].weight)
+
+
+def test_initial_keep_probability_follows_init_keep(setup):
+    model, groups, x = setup
+    probs = pnp.PrunerNetwork(model, groups, init_keep=0.9).keep_probabilities(x)
+    mean = torch.cat([p.flatten() for p in probs.values()]).mean().item()
+    assert 0.85 < mean < 0.95
+
+
+def test_straight_through_gradient_reaches_the_head(setup):
+    model, groups, x = setup
+    pruner = pnp.PrunerNetwork(model, groups)
+    gated = pnp.GatedModel(model, groups, freeze=True)
+    loss = pnp.PrunerLoss(groups, sparsity_weight=1.0)
+    masks = pruner(x)
+    terms = loss(gated(x, masks=masks), torch.zeros(4, dtype=torch.long), masks)
+    terms["loss"].backward()
+    head = pruner.trunk[8].linear
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_sparsity_loss_lowers_keep_probabilities(setup):
+    model, groups, x = setup
+    pruner = pnp.PrunerNetwork(model, groups, init_keep=0.6)
+    loss = pnp.PrunerLoss(groups, sparsity="channels", sparsity_weight=1.0)
+    gated = pnp.GatedModel(model, groups, freeze=True)
+    opt = torch.optim.Adam(pruner.parameters(), lr=0.05)
+    before = pnp.core.losses.channel_fraction(pruner.keep_probabilities(x), groups).mean().item()
+    for _ in range(20):
+        masks = pruner(x)
+        terms = loss(gated(x, masks=masks), torch.zeros(4, dtype=torch.long), masks)
+        opt.zero_grad()
+        (terms["sparsity"]).backward()
+        opt.step()
+    after = pnp.core.losses.channel_fraction(pruner.keep_probabilities(x), groups).mean().item()
+    assert after < before
+
+
+def test_batch_mode_gives_one_decision_per_batch(setup):
+    model, groups, x = setup
+    masks = pnp.PrunerNetwork(model, groups, mask_mode="batch")(x)
+    assert all(m.shape == (g.size,) for m, g in zip(masks.values(), groups))
+
+
+class PoolAfterClassifier(nn.Module):
+    """Like SqueezeNet: the last conv is followed by ReLU and pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        self.classifier = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return torch.relu(self.classifier(self.features(x))).mean((2, 3))
+
+
+def test_head_layer_must_be_named_when_ops_follow_the_last_layer():
+    model = PoolAfterClassifier().eval()
+    x = torch.randn(2, 3, 10, 10)
+    groups = pnp.find_channel_groups(model, x)
+    with pytest.raises(ValueError, match="head_layer"):
+        pnp.PrunerNetwork(model, groups)
+    pruner = pnp.PrunerNetwork(model, groups, head_layer="classifier")
+    assert pruner(x)["features.0"].shape == (2, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"init_keep": 1.0}, "init_keep"), ({"temperature": 0}, "temperature"), ({"mask_mode": "pixel"}, "mask_mode")],
+)
+def test_bad_pruner_settings_name_the_field(setup, kwargs, field):
+    model, groups, _ = setup
+    with pytest.raises(ValueError, match=field):
+        pnp.PrunerNetwork(model, groups, **kwargs)

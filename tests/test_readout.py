@@ -1,0 +1,90 @@
+import pytest
+import torch
+import torchvision
+
+import pnp
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    return model, pnp.find_channel_groups(model, x), x
+
+
+def random_scores(groups, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {grp.name: torch.rand(grp.size, generator=g) for grp in groups}
+
+
+def test_threshold_keeps_channels_above_it(resnet):
+    _, groups, _ = resnet
+    scores = random_scores(groups)
+    keep, info = pnp.decide_keep(groups, scores, threshold=0.5)
+    for g in groups:
+        assert torch.equal(keep[g.name], scores[g.name] > 0.5)
+    assert info["threshold"] == 0.5
+
+
+def test_min_channels_and_round_to(resnet):
+    _, groups, _ = resnet
+    scores = {g.name: torch.zeros(g.size) for g in groups}  # the pruner wants everything gone
+    keep, _ = pnp.decide_keep(groups, scores, min_channels=3)
+    assert all(int(k.sum()) == 3 for k in keep.values())
+    keep, _ = pnp.decide_keep(groups, random_scores(groups), round_to=8)
+    assert all(int(k.sum()) % 8 == 0 and int(k.sum()) >= 8 for k in keep.values())
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25])
+def test_budget_is_met_by_the_pruned_model(resnet, budget):
+    model, groups, x = resnet
+    keep, info = pnp.decide_keep(groups, random_scores(groups, 1), budget=budget, round_to=4)
+    assert info["flops_fraction"] <= budget
+    assert info["flops_fraction"] > budget - 0.05  # keeps as much as the budget allows
+    pruned = pnp.apply_surgery(model, groups, keep, x)
+    measured = pnp.count_flops_params(pruned, x).flops / pnp.count_flops_params(model, x).flops
+    assert measured == pytest.approx(info["flops_fraction"], abs=0.01)
+
+
+def test_params_budget(resnet):
+    _, groups, _ = resnet
+    keep, info = pnp.decide_keep(groups, random_scores(groups, 2), budget=0.3, metric="params")
+    assert info["params_fraction"] <= 0.3
+
+
+def test_impossible_budget_says_what_it_can_reach(resnet):
+    _, groups, _ = resnet
+    with pytest.raises(ValueError, match="cannot be met"):
+        pnp.decide_keep(groups, random_scores(groups), budget=0.001, min_channels=16)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field", [({"budget": 0}, "budget"), ({"round_to": 0}, "round_to"), ({"min_channels": 0}, "min_channels"), ({"metric": "ms"}, "metric")]
+)
+def test_bad_read_out_settings_name_the_field(resnet, kwargs, field):
+    _, groups, _ = resnet
+    with pytest.raises(ValueError, match=field):
+        pnp.decide_keep(groups, random_scores(groups), **kwargs)
+
+
+def test_scores_must_cover_every_group_with_the_right_length(resnet):
+    _, groups, _ = resnet
+    scores = random_scores(groups)
+    name = groups.names[0]
+    scores[name] = scores[name][:-1]
+    with pytest.raises(ValueError, match=name):
+        pnp.decide_keep(groups, scores)
+
+
+def test_keep_scores_average_over_batches(resnet):
+    _, groups, _ = resnet
+    acc = pnp.KeepScores(groups)
+    first = {g.name: torch.zeros(2, g.size) for g in groups}
+    second = {g.name: torch.ones(6, g.size) for g in groups}
+    acc.update(first)
+    acc.update(second)
+    means = acc.compute()
+    assert all(torch.allclose(m, torch.full_like(m, 0.75)) for m in means.values())
+    acc.reset()
+    with pytest.raises(RuntimeError, match="empty"):
+        acc.compute()
