@@ -4,6 +4,7 @@ A pruner network learns which filters of a trained target to remove; one-shot
 surgery removes them, leaving a smaller dense model.
 """
 
+from pnp.core.artifacts import ArtifactError, export_onnx, load_pruned, save_pruned
 from pnp.core.builders import build_model, register_builder, registered_builders
 from pnp.core.cost import CostModel, Latency, ModelCost, count_flops_params, measure_latency
 from pnp.core.gating import GatedModel
@@ -25,6 +26,10 @@ from pnp.core.surgery import ChannelSpec, SurgeryMismatchError, apply_surgery, v
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtifactError",
+    "export_onnx",
+    "load_pruned",
+    "save_pruned",
     "ChannelGroup",
     "ChannelGroups",
     "ChannelMember",
