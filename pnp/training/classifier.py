@@ -1,0 +1,137 @@
+"""Training a classifier: the baseline before pruning and the fine-tuning after it."""
+
+from __future__ import annotations
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pnp.core.losses import kd_loss
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+class ClassifierModule(pl.LightningModule):
+    """Cross-entropy training of ``model``, optionally distilled from a frozen ``teacher``.
+
+    The loss is ``cross_entropy + kd_weight * kd_loss(student, teacher, kd_temperature)``;
+    the teacher is only run when ``kd_weight > 0``. The learning rate follows
+    ``schedule`` per step over ``epochs`` epochs: ``"cosine"`` decays to zero,
+    ``"step"`` divides by 10 at 50% and 75%, ``"constant"`` keeps it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.1,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        optimizer: str = "sgd",
+        epochs: int = 10,
+        schedule: str = "cosine",
+        label_smoothing: float = 0.0,
+        teacher: nn.Module | None = None,
+        kd_weight: float = 0.0,
+        kd_temperature: float = 4.0,
+    ):
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {optimizer!r} is not one of {OPTIMIZERS}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}")
+        if not float(lr) > 0:
+            raise ValueError(f"lr {lr} must be > 0")
+        if float(weight_decay) < 0 or not 0 <= float(momentum) < 1:
+            raise ValueError(f"weight_decay {weight_decay} must be >= 0 and momentum {momentum} in [0, 1)")
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs {epochs!r} must be an integer >= 1")
+        if not 0 <= float(label_smoothing) < 1:
+            raise ValueError(f"label_smoothing {label_smoothing} must be in [0, 1)")
+        if float(kd_weight) < 0:
+            raise ValueError(f"kd_weight {kd_weight} must be >= 0")
+        if float(kd_weight) > 0 and teacher is None:
+            raise ValueError(f"kd_weight {kd_weight} > 0 needs a teacher model; pass teacher=... or set kd_weight=0")
+        if float(kd_temperature) <= 0:
+            raise ValueError(f"kd_temperature {kd_temperature} must be > 0")
+        self.save_hyperparameters(ignore=["model", "teacher"])
+        self.model = model
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.teacher is not None and self.hparams.kd_weight > 0
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # a frozen teacher keeps its BatchNorm statistics
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch[0], batch[1]
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/ce_loss", loss, on_step=False, on_epoch=True)
+        if self.uses_teacher:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+            kd = kd_loss(logits, teacher_logits, self.hparams.kd_temperature)
+            self.log("train/kd_loss", kd, on_step=True, on_epoch=True)
+            loss = loss + self.hparams.kd_weight * kd
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", _accuracy(logits, y), on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch, stage: str) -> None:
+        x, y = batch[0], batch[1]
+        logits = self.model(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/acc", _accuracy(logits, y), on_epoch=True, prog_bar=True, sync_dist=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._evaluate(batch, "test")
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.schedule == "constant":
+            return optimizer
+        total = self._total_steps()
+        if hp.schedule == "cosine":
+            factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
+        else:
+            factor = lambda step: 0.1 ** ((step >= 0.5 * total) + (step >= 0.75 * total))  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimizer steps in ``epochs`` epochs of the trainer's training data."""
+        trainer = self._trainer
+        if trainer is None:
+            return max(1, self.hparams.epochs)
+        steps = trainer.estimated_stepping_batches
+        if trainer.max_epochs is not None and trainer.max_epochs > 0 and math.isfinite(steps):
+            steps = steps / trainer.max_epochs * self.hparams.epochs
+        return max(1, int(round(steps)) if math.isfinite(steps) else self.hparams.epochs)
+
+
+def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy in percent."""
+    return (logits.argmax(-1) == targets).float().mean() * 100.0

@@ -1,0 +1,101 @@
+"""ClassifierModule: training lowers the loss, the schedule ends where it says, distillation is opt-in."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from pnp.training.classifier import ClassifierModule
+
+
+def synthetic_loader(n=256, classes=4, seed=0, batch_size=32, shuffle=True):
+    """Each class lights up its own quadrant of an 8x8 image, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.5
+    for c in range(classes):
+        r, col = divmod(c, 2)
+        x[y == c, :, 4 * r : 4 * r + 4, 4 * col : 4 * col + 4] += 1.5
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=g)
+
+
+def small_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 4))
+
+
+def trainer(**kwargs):
+    defaults = dict(
+        accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+def mean_loss(model, loader):
+    with torch.no_grad():
+        return sum(F.cross_entropy(model(x), y, reduction="sum").item() for x, y in loader) / len(loader.dataset)
+
+
+def test_training_lowers_loss_and_cosine_ends_at_zero():
+    pl.seed_everything(0)
+    train, val = synthetic_loader(seed=0), synthetic_loader(seed=1, shuffle=False)
+    model = small_net()
+    before = mean_loss(model, val)
+    module = ClassifierModule(model, lr=0.05, epochs=3, schedule="cosine")
+    t = trainer()
+    t.fit(module, train, val)
+    after = mean_loss(model, val)
+    assert after < 0.5 * before
+    val_acc = t.callback_metrics["val/acc"].item()
+    assert val_acc > 90.0
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-6)
+    assert "train/kd_loss" not in t.callback_metrics
+    result = t.test(module, val, verbose=False)[0]
+    assert result["test/acc"] == pytest.approx(val_acc, abs=1e-4)  # same data, same model
+
+
+def test_step_schedule_and_adam():
+    module = ClassifierModule(small_net(), lr=0.01, epochs=2, schedule="step", optimizer="adam")
+    t = trainer(max_epochs=2)
+    t.fit(module, synthetic_loader(n=64))
+    assert isinstance(t.optimizers[0], torch.optim.Adam)
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.01)
+
+
+class ExplodingTeacher(nn.Module):
+    def forward(self, x):
+        raise AssertionError("the teacher must not run when kd_weight is 0")
+
+
+def test_zero_kd_weight_never_calls_the_teacher():
+    module = ClassifierModule(small_net(), teacher=ExplodingTeacher(), kd_weight=0.0, epochs=1)
+    t = trainer(max_epochs=1)
+    t.fit(module, synthetic_loader(n=64))
+    assert "train/kd_loss" not in t.callback_metrics
+
+
+def test_distillation_is_logged_and_added_to_the_loss():
+    pl.seed_everything(0)
+    teacher = small_net(seed=1)
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    module = ClassifierModule(small_net(), lr=0.05, teacher=teacher, kd_weight=0.5, kd_temperature=2.0, epochs=2)
+    t = trainer(max_epochs=2)
+    t.fit(module, synthetic_loader(n=128))
+    m = t.callback_metrics
+    assert m["train/kd_loss_epoch"] > 0
+    expected = m["train/ce_loss"] + 0.5 * m["train/kd_loss_epoch"]
+    assert m["train/loss_epoch"] == pytest.approx(expected.item(), rel=1e-4)
+    assert not teacher.training
+    assert all(torch.equal(v, frozen[k]) for k, v in teacher.state_dict().items())
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="needs a teacher"):
+        ClassifierModule(small_net(), kd_weight=1.0)
+    with pytest.raises(ValueError, match="optimizer 'rmsprop'"):
+        ClassifierModule(small_net(), optimizer="rmsprop")
+    with pytest.raises(ValueError, match="schedule 'linear'"):
+        ClassifierModule(small_net(), schedule="linear")
