@@ -39,13 +39,16 @@ def test_flops_sparsity_equals_flops_fraction_of_the_masks(groups):
     assert terms["sparsity"].item() < 0.6
 
 
-def test_budget_term_is_zero_under_budget_and_grows_over_it(groups):
-    loss = pnp.PrunerLoss(groups, budget=0.5)
+def test_budget_term_pulls_towards_the_budget_from_both_sides(groups):
+    cost = pnp.CostModel(groups)
     full = {g.name: torch.ones(g.size) for g in groups}
     tiny = {g.name: (torch.arange(g.size) < 1).float() for g in groups}
     y = torch.zeros(2, dtype=torch.long)
-    assert loss(torch.randn(2, 4), y, tiny)["budget"].item() == 0.0
+    at_tiny = float(cost.flops_fraction(tiny))
+    assert pnp.PrunerLoss(groups, budget=at_tiny)(torch.randn(2, 4), y, tiny)["budget"].item() == pytest.approx(0.0, abs=1e-6)
+    loss = pnp.PrunerLoss(groups, budget=0.5)
     assert loss(torch.randn(2, 4), y, full)["budget"].item() == pytest.approx(1.0)
+    assert loss(torch.randn(2, 4), y, tiny)["budget"].item() == pytest.approx(1.0 - at_tiny / 0.5)
 
 
 @pytest.mark.parametrize(

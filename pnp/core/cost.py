@@ -1,7 +1,8 @@
 """What a model costs: FLOPs, parameters and measured latency.
 
-FLOPs follow the convention of fvcore and torch-pruning's counter: one
-multiply-accumulate counts as one FLOP, per input sample.
+FLOPs follow torch-pruning's counter, per input sample: one multiply-accumulate
+of a convolution or Linear layer counts as one FLOP, a normalisation layer costs
+one or two per element, ReLU-like activations and pooling one per element.
 
 :class:`CostModel` predicts the FLOPs and parameters of the pruned model from
 keep decisions (or keep probabilities, differentiably): each convolution's cost is
@@ -10,6 +11,9 @@ bilinear in the channels it keeps on its input and output side.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -22,6 +26,7 @@ CONV = "conv"
 DEPTHWISE = "depthwise"
 LINEAR = "linear"
 NORM = "norm"
+ELEMENTWISE = "elementwise"
 
 
 @dataclass
@@ -45,7 +50,7 @@ class LayerCost:
 
     module: str
     kind: str
-    spatial: float  # output positions per sample (tokens for Linear)
+    spatial: float  # elements per channel per sample: output positions, tokens for Linear
     kernel: float  # kernel elements per (in, out) channel pair
     groups: int
     has_bias: bool
@@ -53,23 +58,39 @@ class LayerCost:
     in_count: ChannelCount
     out_count: ChannelCount
 
-    def flops(self, masks) -> torch.Tensor | float:
-        out = self.out_count.evaluate(masks)
+    def coefficients(self) -> tuple[float, float, float, float]:
+        """``(a, b, c, d)`` with FLOPs ``a*in*out + b*out`` and params ``c*in*out + d*out``."""
+        bias = 1.0 if self.has_bias else 0.0
         if self.kind == NORM:
-            return self.spatial * out * (2 if self.affine else 1)
-        bias = self.spatial * out if self.has_bias else 0.0
+            per_channel = 2.0 if self.affine else 1.0
+            return 0.0, self.spatial * per_channel, 0.0, (2.0 if self.affine else 0.0)
         if self.kind == DEPTHWISE:
-            return self.spatial * self.kernel * out + bias
-        return self.spatial * self.kernel * self.in_count.evaluate(masks) * out / self.groups + bias
+            return 0.0, self.spatial * (self.kernel + bias), 0.0, self.kernel + bias
+        if self.kind == ELEMENTWISE:
+            return 0.0, self.spatial, 0.0, 0.0
+        return self.spatial * self.kernel / self.groups, self.spatial * bias, self.kernel / self.groups, bias
+
+    def flops(self, masks) -> torch.Tensor | float:
+        a, b, _, _ = self.coefficients()
+        out = self.out_count.evaluate(masks)
+        return (a * self.in_count.evaluate(masks) if a else 0.0) * out + b * out
 
     def params(self, masks) -> torch.Tensor | float:
+        _, _, c, d = self.coefficients()
         out = self.out_count.evaluate(masks)
-        if self.kind == NORM:
-            return 2 * out if self.affine else 0.0 * out
-        bias = out if self.has_bias else 0.0
-        if self.kind == DEPTHWISE:
-            return self.kernel * out + bias
-        return self.kernel * self.in_count.evaluate(masks) * out / self.groups + bias
+        return (c * self.in_count.evaluate(masks) if c else 0.0) * out + d * out
+
+
+# Parameter-free layers that torch-pruning's counter charges one FLOP per element
+# of the output (activations, upsampling) or of the input (pooling).
+_PER_OUTPUT_ELEMENT = (nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.Upsample)
+_PER_INPUT_ELEMENT = (
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def _counted_kind(module: nn.Module) -> str | None:
@@ -78,22 +99,44 @@ def _counted_kind(module: nn.Module) -> str | None:
         return DEPTHWISE if dw else CONV
     if isinstance(module, nn.Linear):
         return LINEAR
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if isinstance(module, _NORMS):
         return NORM
+    if isinstance(module, _PER_OUTPUT_ELEMENT + _PER_INPUT_ELEMENT):
+        return ELEMENTWISE
     return None
 
 
-def layer_costs(model: nn.Module, example_inputs, groups) -> list[LayerCost]:
-    """Record, by running ``model`` once, how each counted layer's cost depends on ``groups``."""
+def _norm_channels(module: nn.Module) -> tuple[int, bool]:
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels, module.affine
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1], module.elementwise_affine
+    return module.num_features, module.affine
+
+
+def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[LayerCost]:
+    """Record, by running ``model`` once, how each counted layer's cost depends on ``groups``.
+
+    ``flows`` maps ``(module name, call index)`` of parameter-free layers (activations,
+    pooling) to the ``(group name, root indices)`` of the channels they carry, as
+    :func:`pnp.core.groups.find_channel_groups` finds them; without it such layers
+    count as unchanged by pruning. Weighted layers are counted at their first call.
+    """
     from pnp.core.groups import IN, OUT, run_model
 
-    shapes: dict[str, tuple] = {}
+    shapes: dict[tuple[str, int], tuple] = {}
+    calls: dict[str, int] = {}
     names = {m: n for n, m in model.named_modules()}
     handles = []
 
     def hook(module, args, output):
+        name = names[module]
+        call = calls.get(name, 0)
+        calls[name] = call + 1
+        if call and _counted_kind(module) != ELEMENTWISE:
+            return
         out = output[0] if isinstance(output, (tuple, list)) else output
-        shapes.setdefault(names[module], (tuple(args[0].shape), tuple(out.shape)))
+        shapes[(name, call)] = (tuple(args[0].shape), tuple(out.shape))
 
     for module in model.modules():
         if _counted_kind(module) is not None:
@@ -113,29 +156,38 @@ def layer_costs(model: nn.Module, example_inputs, groups) -> list[LayerCost]:
         for m in g.members:
             weight = torch.bincount(m.root_indices, minlength=g.size).float()
             terms.setdefault((m.module, m.side), []).append((g.name, weight))
+    sizes = {g.name: g.size for g in groups}
+    flow_terms = {
+        key: [(name, torch.bincount(root, minlength=sizes[name]).float()) for name, root in carried]
+        for key, carried in (flows or {}).items()
+    }
 
     costs = []
     modules = dict(model.named_modules())
-    for name, (in_shape, out_shape) in shapes.items():
+    for (name, call), (in_shape, out_shape) in shapes.items():
         module = modules[name]
         kind = _counted_kind(module)
         batch = in_shape[0] if in_shape else 1
+        kernel, grp, affine = 1.0, 1, False
         if kind == LINEAR:
             n_in, n_out = module.in_features, module.out_features
-            spatial = max(1.0, float(torch.tensor(out_shape).prod()) / (batch * n_out))
-            kernel, grp = 1.0, 1
+            spatial = max(1.0, _numel(out_shape) / (batch * n_out))
         elif kind == NORM:
-            n_in = n_out = module.num_features
-            spatial = float(torch.tensor(out_shape).prod()) / (batch * n_out)
-            kernel, grp = 1.0, 1
+            n_out, affine = _norm_channels(module)
+            n_in = n_out
+            spatial = _numel(out_shape) / (batch * n_out)
+        elif kind == ELEMENTWISE:
+            counted = in_shape if isinstance(module, _PER_INPUT_ELEMENT) else out_shape
+            n_in = n_out = counted[1] if len(counted) > 1 else 1
+            spatial = _numel(counted) / (batch * n_out)
         else:
             n_in, n_out = module.in_channels, module.out_channels
-            spatial = float(torch.tensor(out_shape).prod()) / (batch * n_out)
+            spatial = _numel(out_shape) / (batch * n_out)
             kernel = float(torch.tensor(module.kernel_size).prod())
             grp = module.groups
         side_terms = {}
         for side, total in ((IN, n_in), (OUT, n_out)):
-            t = terms.get((name, side), [])
+            t = flow_terms.get((name, call), []) if kind == ELEMENTWISE else terms.get((name, side), [])
             side_terms[side] = ChannelCount(total - sum(float(w.sum()) for _, w in t), t)
         costs.append(
             LayerCost(
@@ -144,8 +196,8 @@ def layer_costs(model: nn.Module, example_inputs, groups) -> list[LayerCost]:
                 spatial=spatial,
                 kernel=kernel,
                 groups=grp,
-                has_bias=getattr(module, "bias", None) is not None and kind != NORM,
-                affine=bool(getattr(module, "affine", False)),
+                has_bias=getattr(module, "bias", None) is not None and kind in (CONV, DEPTHWISE, LINEAR),
+                affine=bool(affine),
                 in_count=side_terms[IN],
                 out_count=side_terms[OUT],
             )
@@ -153,34 +205,122 @@ def layer_costs(model: nn.Module, example_inputs, groups) -> list[LayerCost]:
     return costs
 
 
+def _numel(shape) -> float:
+    return float(math.prod(shape))
+
+
 class CostModel:
     """FLOPs and params of the pruned model as a function of per-group keep masks.
 
     Masks may be bool or float (probabilities), shaped ``[size]`` or ``[batch, size]``;
     missing groups count as fully kept. Float masks give differentiable costs.
+    All layers are evaluated at once: a layer usually sees every channel of a group
+    equally often, so its channel count is a weighted sum of the groups' kept counts
+    (one small matrix product); other channel weightings are gathered one by one.
     """
 
     def __init__(self, groups):
         self.groups = groups
         self.layers: list[LayerCost] = list(groups.layer_costs)
-        full = {g.name: torch.ones(g.size) for g in groups}
-        self.full_flops = float(self.flops(full))
-        self.full_params = float(self.params(full))
+        self._offsets: dict[str, int] = {}
+        index: dict[str, int] = {}
+        total = 0
+        for i, g in enumerate(groups):
+            self._offsets[g.name] = total
+            index[g.name] = i
+            total += g.size
+        self._total = total
+        coeffs = torch.tensor([layer.coefficients() for layer in self.layers], dtype=torch.float64).reshape(-1, 4)
+        self._tables = {
+            "coeffs": coeffs,
+            "group_of": torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([g.size for g in groups], dtype=torch.long)),
+            "sizes": torch.tensor([float(g.size) for g in groups], dtype=torch.float64),
+            "in_fixed": torch.tensor([float(layer.in_count.fixed) for layer in self.layers], dtype=torch.float64),
+            "out_fixed": torch.tensor([float(layer.out_count.fixed) for layer in self.layers], dtype=torch.float64),
+        }
+        for side in ("in", "out"):
+            uniform = torch.zeros(len(self.layers), len(groups), dtype=torch.float64)
+            rows, cols, weights = [], [], []
+            for i, layer in enumerate(self.layers):
+                count = layer.in_count if side == "in" else layer.out_count
+                for name, weight in count.terms:
+                    if bool((weight == weight[0]).all()):
+                        uniform[i, index[name]] += float(weight[0])
+                        continue
+                    nz = weight.nonzero().flatten()
+                    rows.append(torch.full_like(nz, i))
+                    cols.append(nz + self._offsets[name])
+                    weights.append(weight[nz].double())
+            self._tables[f"{side}_uniform"] = uniform
+            self._tables[f"{side}_rows"] = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+            self._tables[f"{side}_cols"] = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.long)
+            self._tables[f"{side}_weights"] = torch.cat(weights) if weights else torch.zeros(0, dtype=torch.float64)
+        self._on: dict[tuple, dict[str, torch.Tensor]] = {}
+        full = self._layer_counts(torch.ones(total, dtype=torch.float64))
+        self.full_flops = float(self._layer_flops(*full).sum())
+        self.full_params = float(self._layer_params(*full).sum())
 
-    def _complete(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
+    def _table(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._on:
+            self._on[key] = {
+                k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+                for k, v in self._tables.items()
+            }
+        return self._on[key]
+
+    def _joined(self, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """All groups' masks as one ``[total]`` or ``[batch, total]`` vector (missing groups kept)."""
+        given = [m for m in masks.values() if isinstance(m, torch.Tensor)]
+        device = given[0].device if given else torch.device("cpu")
+        # at least float32: half precision cannot hold billions of FLOPs
+        dtype = torch.float64 if any(m.dtype == torch.float64 for m in given) else torch.float32
+        batch = max((m.shape[0] for m in given if m.dim() == 2), default=None)
+        parts = []
         for g in self.groups:
             m = masks.get(g.name)
-            out[g.name] = torch.ones(g.size) if m is None else (m.float() if m.dtype == torch.bool else m)
-        return out
+            m = torch.ones(g.size, device=device, dtype=dtype) if m is None else m.to(device=device, dtype=dtype)
+            if batch is not None:
+                m = m.expand(batch, g.size)
+            parts.append(m)
+        if not parts:
+            return torch.zeros((batch, 0) if batch is not None else (0,), device=device, dtype=dtype)
+        return torch.cat(parts, dim=-1)
+
+    def _layer_counts(self, joined: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Channels each layer keeps on its input and output side, ``[..., layers]``."""
+        t = self._table(joined.device, joined.dtype)
+        batch_shape = joined.shape[:-1]
+        kept = torch.zeros(batch_shape + (len(self.groups),), device=joined.device, dtype=joined.dtype)
+        kept = kept.index_add(-1, t["group_of"], joined)
+        counts = []
+        for side in ("in", "out"):
+            count = t[f"{side}_fixed"] + kept @ t[f"{side}_uniform"].T
+            if t[f"{side}_rows"].numel():
+                values = joined.index_select(-1, t[f"{side}_cols"]) * t[f"{side}_weights"]
+                count = count.index_add(-1, t[f"{side}_rows"], values)
+            counts.append(count)
+        return counts[0], counts[1]
+
+    def _layer_flops(self, n_in: torch.Tensor, n_out: torch.Tensor) -> torch.Tensor:
+        c = self._table(n_in.device, n_in.dtype)["coeffs"]
+        return c[:, 0] * n_in * n_out + c[:, 1] * n_out
+
+    def _layer_params(self, n_in: torch.Tensor, n_out: torch.Tensor) -> torch.Tensor:
+        c = self._table(n_in.device, n_in.dtype)["coeffs"]
+        return c[:, 2] * n_in * n_out + c[:, 3] * n_out
+
+    def _checked(self, masks: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        for name in masks:
+            if name not in self._offsets:
+                raise KeyError(self.groups.unknown_group_message(name))
+        return masks
 
     def flops(self, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        masks = self._complete(masks)
-        return sum(layer.flops(masks) for layer in self.layers)
+        return self._layer_flops(*self._layer_counts(self._joined(self._checked(masks)))).sum(-1)
 
     def params(self, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        masks = self._complete(masks)
-        return sum(layer.params(masks) for layer in self.layers)
+        return self._layer_params(*self._layer_counts(self._joined(self._checked(masks)))).sum(-1)
 
     def flops_fraction(self, masks) -> torch.Tensor:
         return self.flops(masks) / self.full_flops
@@ -189,8 +329,35 @@ class CostModel:
         return self.params(masks) / self.full_params
 
     def per_layer_flops(self, masks) -> dict[str, float]:
-        masks = self._complete(masks)
-        return {layer.module: float(layer.flops(masks)) for layer in self.layers}
+        """FLOPs per module (summed over its calls), for one mask per group."""
+        per_layer = self._layer_flops(*self._layer_counts(self._joined(self._checked(masks))))
+        if per_layer.dim() != 1:
+            raise ValueError("per_layer_flops takes one mask per group (shape [size]), not a batch of masks")
+        out: dict[str, float] = {}
+        for layer, value in zip(self.layers, per_layer.tolist()):
+            out[layer.module] = out.get(layer.module, 0.0) + value
+        return out
+
+    def marginal_costs(self) -> dict[str, tuple[float, float]]:
+        """FLOPs and params that one channel of each group costs in the full model.
+
+        Exactly ``(cost(full) - cost(group removed)) / size``, for all groups at once:
+        removing group g takes ``A[l, g]`` inputs and ``B[l, g]`` outputs from layer l.
+        """
+        t = self._table(torch.device("cpu"), torch.float64)
+        n_in, n_out = self._layer_counts(torch.ones(self._total, dtype=torch.float64))
+        layers, groups = len(self.layers), len(self.groups)
+        removed = {}
+        for side in ("in", "out"):
+            flat = t[f"{side}_rows"] * groups + t["group_of"][t[f"{side}_cols"]]
+            gathered = torch.zeros(layers * groups, dtype=torch.float64).index_add(0, flat, t[f"{side}_weights"])
+            removed[side] = t[f"{side}_uniform"] * t["sizes"] + gathered.reshape(layers, groups)
+        a_in, b_out = removed["in"], removed["out"]
+        bilinear = n_in[:, None] * b_out + a_in * n_out[:, None] - a_in * b_out
+        c = t["coeffs"]
+        flops = (c[:, 0, None] * bilinear + c[:, 1, None] * b_out).sum(0)
+        params = (c[:, 2, None] * bilinear + c[:, 3, None] * b_out).sum(0)
+        return {g.name: (float(flops[i]) / g.size, float(params[i]) / g.size) for i, g in enumerate(self.groups)}
 
 
 @dataclass
@@ -209,22 +376,32 @@ class ModelCost:
 def count_flops_params(model: nn.Module, example_inputs) -> ModelCost:
     """Count FLOPs per sample (MACs) and parameters with torch-pruning's counter."""
     import torch_pruning as tp
+    from torch_pruning.utils import op_counter
 
     inputs = example_inputs
     batch = _batch_size(inputs)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # torch-pruning's counter prints a warning for the argument-less call below
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            op_counter.CUSTOM_MODULES_MAPPING = {nn.Linear: _linear_flops_hook}
             flops, params, layer_flops, layer_params = tp.utils.count_ops_and_params(
                 _CallAs(model, inputs), (), layer_wise=True
             )
     finally:
+        op_counter.CUSTOM_MODULES_MAPPING = {}
         model.train(was_training)
     leaves = {m: n for n, m in model.named_modules() if not any(True for _ in m.children())}
     per_layer = {leaves[m]: int(v) // batch for m, v in layer_flops.items() if m in leaves and v}
     per_layer_params = {leaves[m]: int(v) for m, v in layer_params.items() if m in leaves and v}
     return ModelCost(int(flops) // batch, int(params), per_layer, per_layer_params)
+
+
+def _linear_flops_hook(module, args, output) -> None:
+    """torch-pruning's Linear count, but with the bias added once per output element, not per call."""
+    out_elements = output.numel()
+    module.__flops__ += int(args[0].numel() * module.out_features + (out_elements if module.bias is not None else 0))
 
 
 class _CallAs(nn.Module):

@@ -298,8 +298,27 @@ def _leaves_model(group, graph) -> str | None:
 def _through_channel_shuffle(group) -> str | None:
     for dep, _ in group:
         if getattr(dep.target, "pnp_channel_shuffle", False):
-            grad_fn = dep.target.grad_fn
-            return f"its channels pass through a channel shuffle ({grad_fn.name() if grad_fn else 'reshape'}), which torch-pruning cannot follow"
+            return _channel_shuffle_reason(dep.target)
+    return None
+
+
+def _channel_shuffle_reason(node) -> str:
+    grad_fn = node.grad_fn
+    return f"its channels pass through a channel shuffle ({grad_fn.name() if grad_fn else 'reshape'}), which torch-pruning cannot follow"
+
+
+def _channel_shuffle_downstream(node):
+    """A channel-shuffle node that ``node``'s output channels reach before any layer consumes them."""
+    stack, seen = list(node.outputs), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if getattr(n, "pnp_channel_shuffle", False):
+            return n
+        if n.type not in (tp.ops.OPTYPE.CONV, tp.ops.OPTYPE.LINEAR):
+            stack.extend(n.outputs)
     return None
 
 
@@ -319,7 +338,11 @@ def _all_groups(graph: tp.DependencyGraph, names: dict, excluded: dict[str, str]
             group = graph.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
         except Exception as exc:  # torch-pruning's index mapping fails on some layouts
             visited.add(module)
-            excluded[name] = f"torch-pruning could not map its channels ({type(exc).__name__}: {exc})"
+            shuffle = _channel_shuffle_downstream(graph.module2node[module])
+            if shuffle is not None:  # a split after the shuffle sees indices it cannot place
+                excluded[name] = _channel_shuffle_reason(shuffle)
+            else:
+                excluded[name] = f"torch-pruning could not map its channels ({type(exc).__name__}: {exc})"
             continue
         for dep, _ in group:
             if graph.is_out_channel_pruning_fn(dep.handler):
@@ -351,16 +374,21 @@ def find_channel_groups(
     graph = build_dependency_graph(model, example_inputs)
     groups: list[ChannelGroup] = []
     excluded: dict[str, str] = {}
+    flows: dict[tuple[str, int], list[tuple[str, torch.Tensor]]] = {}
     with graph.channels_unchanged():  # nothing is pruned while groups are listed
         tp_groups = list(_all_groups(graph, names, excluded))
     for root_name, tp_group in tp_groups:
         reason = _leaves_model(tp_group, graph) or _through_channel_shuffle(tp_group)
         members: list[ChannelMember] = []
         block_parts = []
+        carried: dict = {}
         for item in tp_group:
             dep, idxs = item.dep, item.idxs
             module = dep.target.module
             if not isinstance(module, nn.Module) or module not in names:
+                call = graph.pnp_layer_calls.get(dep.target.grad_fn)
+                if call is not None:  # an activation or pooling layer the channels pass through
+                    carried.setdefault(call, torch.as_tensor(item.root_idxs, dtype=torch.long))
                 continue  # graph-only ops: concat, split, add, ...
             side = IN if _is_consumer(graph, module, dep.handler) else OUT
             if side == OUT and module in ignored and reason is None:
@@ -385,9 +413,11 @@ def find_channel_groups(
             excluded[root_name] = reason
             continue
         groups.append(ChannelGroup(root_name, size, tuple(members), blocks))
+        for call, root_indices in carried.items():
+            flows.setdefault(call, []).append((root_name, root_indices))
 
     result = ChannelGroups(groups, excluded, example_inputs)
-    result.layer_costs = layer_costs(model, example_inputs, result)
+    result.layer_costs = layer_costs(model, example_inputs, result, flows)
     marginal = CostModel(result).marginal_costs()
     for g in result:
         g.flops_per_channel, g.params_per_channel = marginal[g.name]

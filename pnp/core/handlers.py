@@ -8,11 +8,13 @@ block keeps the same number), which torch-pruning's own handler does not.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch_pruning.dependency import graph as tp_graph
 from torch_pruning.pruner import function as tp_function
 
 
@@ -73,15 +75,78 @@ class DependencyGraph(tp.DependencyGraph):
     Linear layer) but not through channel shuffles (view, transpose, view). Such
     reshapes are marked ``pnp_channel_shuffle`` and treated as element-wise so the
     graph still builds; groups that cross them are left out by the caller.
+
+    torch-pruning rebuilds every concat/split/reshape index map before each
+    ``get_pruning_group``, because pruning in between changes channel counts.
+    Inside :meth:`channels_unchanged` nothing is pruned, so the maps are built once.
     """
 
+    _index_maps_current = False
+
+    @contextlib.contextmanager
+    def channels_unchanged(self):
+        """Reuse the index maps across ``get_pruning_group`` calls; prune nothing inside."""
+        _tp_update_index_mapping(self)
+        self._index_maps_current = True
+        try:
+            yield self
+        finally:
+            self._index_maps_current = False
+
     def _trace(self, model, example_inputs, forward_fn, output_transform):
-        module2node = super()._trace(model, example_inputs, forward_fn, output_transform)
+        # grad_fn -> (name, call index) of parameter-free layers (activations, pooling),
+        # which torch-pruning sees only as anonymous element-wise nodes
+        self.pnp_layer_calls: dict = {}
+        handles = _record_parameter_free_calls(model, self.pnp_layer_calls)
+        try:
+            module2node = super()._trace(model, example_inputs, forward_fn, output_transform)
+        finally:
+            for h in handles:
+                h.remove()
         for node in module2node.values():
             if node.type == tp.ops.OPTYPE.RESHAPE and not _feeds_linear(node):
                 node.type = tp.ops.OPTYPE.ELEMENTWISE
                 node.pnp_channel_shuffle = True
         return module2node
+
+
+def _record_parameter_free_calls(model: nn.Module, record: dict) -> list:
+    calls: dict[str, int] = {}
+    inputs: list = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name or any(True for _ in module.children()) or any(True for _ in module.parameters(recurse=False)):
+            continue
+
+        def pre(mod, args):
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            inputs.append(first.grad_fn if first is not None else None)
+
+        def post(mod, args, out, name=name):
+            before = inputs.pop() if inputs else None
+            call = calls.get(name, 0)
+            calls[name] = call + 1
+            # identity-like layers hand on their input; an in-place layer gets a new grad_fn
+            if isinstance(out, torch.Tensor) and out.grad_fn is not None and out.grad_fn is not before:
+                record.setdefault(out.grad_fn, (name, call))
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    return handles
+
+
+def _update_index_mapping_unless_current(graph) -> None:
+    if not getattr(graph, "_index_maps_current", False):
+        _tp_update_index_mapping(graph)
+
+
+# torch-pruning's graph calls index_mapping.update_index_mapping(self) by module
+# attribute; the wrapper changes nothing for graphs outside channels_unchanged().
+_tp_update_index_mapping = getattr(
+    tp_graph.index_mapping.update_index_mapping, "pnp_wrapped", tp_graph.index_mapping.update_index_mapping
+)
+_update_index_mapping_unless_current.pnp_wrapped = _tp_update_index_mapping
+tp_graph.index_mapping.update_index_mapping = _update_index_mapping_unless_current
 
 
 def _feeds_linear(node, depth: int = 0) -> bool:

@@ -60,8 +60,10 @@ class PrunerLoss:
     ``sparsity="flops"`` penalises the fraction of FLOPs kept (each channel weighted
     by what it costs, which depends on its neighbours' decisions); ``"channels"``
     penalises the fraction of channels kept. ``budget`` is the fraction of FLOPs
-    (or params, ``budget_metric``) to keep at most; beyond it a hinge term adds
-    ``budget_weight * (kept / budget - 1)``. ``kd_weight`` distils the unpruned
+    (or params, ``budget_metric``) to keep: ``budget_weight * |kept / budget - 1|``
+    pulls the pruner to the budget from both sides, so that it spends what it may
+    keep on the channels that matter instead of pruning on past it (the read-out
+    then meets the budget exactly). ``kd_weight`` distils the unpruned
     target's logits into the gated target's.
     """
 
@@ -112,7 +114,7 @@ class PrunerLoss:
         budget = task.new_zeros(())
         if self.budget is not None:
             kept = flops_kept if self.budget_metric == "flops" else params_kept
-            budget = F.relu(kept / self.budget - 1.0)
+            budget = (kept / self.budget - 1.0).abs()
         kd = task.new_zeros(())
         if self.kd_weight > 0 and teacher_logits is not None:
             kd = kd_loss(logits, teacher_logits, self.kd_temperature)

@@ -9,6 +9,7 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
+import torch_pruning as tp
 
 from pnp.core.groups import IN, OUT, ChannelGroups, build_dependency_graph, legalize_keep, run_model
 from pnp.core.handlers import handler_for
@@ -93,19 +94,41 @@ def apply_surgery(
     pruned = copy.deepcopy(model)
     if hasattr(pruned, "pnp_channel_spec"):
         del pruned.pnp_channel_spec
-    graph = build_dependency_graph(pruned, example_inputs)
-    modules = dict(pruned.named_modules())
-    for g in groups:
-        dropped = (~keep[g.name]).nonzero().flatten().tolist()
-        if not dropped:
-            continue
-        root = modules[g.name]
-        pruner = graph.get_pruner_of_module(root)
-        graph.get_pruning_group(root, pruner.prune_out_channels, dropped).prune(record_history=False)
+    _remove_channels(pruned, groups, keep, example_inputs)
     pruned.pnp_channel_spec = spec
     if verify:
         verify_surgery(model, pruned, groups, keep, example_inputs, atol=atol, rtol=rtol)
     return pruned
+
+
+def _remove_channels(model: nn.Module, groups: ChannelGroups, keep: Mapping[str, torch.Tensor], example_inputs) -> None:
+    """Remove every dropped channel of ``model`` in place.
+
+    All groups' removals are collected in the unpruned model's channel numbering
+    and each layer is cut once; pruning group by group would make torch-pruning
+    renumber every concatenation after each group.
+    """
+    graph = build_dependency_graph(model, example_inputs)
+    modules = dict(model.named_modules())
+    removals: dict[tuple, tuple] = {}  # (target node, handler) -> (dependency, channels)
+    with graph.channels_unchanged():
+        for g in groups:
+            dropped = (~keep[g.name]).nonzero().flatten().tolist()
+            if not dropped:
+                continue
+            root = modules[g.name]
+            pruner = graph.get_pruner_of_module(root)
+            for item in graph.get_pruning_group(root, pruner.prune_out_channels, dropped):
+                dep = item.dep
+                if dep.target.type != tp.ops.OPTYPE.PARAMETER and dep.target.module not in graph._module2name:
+                    continue  # graph-only ops (concat, split, add): nothing to cut
+                _, channels = removals.setdefault((dep.target, dep.handler), (dep, set()))
+                channels.update(int(i) for i in item.idxs)
+    merged = tp.dependency.Group()
+    merged._DG = graph
+    for dep, channels in removals.values():
+        merged.add_dep(dep, sorted(channels))
+    merged.prune(record_history=False)
 
 
 def _channel_dim(module: nn.Module) -> int:
@@ -176,6 +199,8 @@ def verify_surgery(
         kept = spec.modules.get(name, {}).get("kept_out")
         if kept is not None:
             e = e.index_select(_channel_dim(modules[name]) % e.dim(), torch.tensor(kept, device=e.device))
+        elif e.shape != a.shape:
+            continue  # a layer without weights (activation, pooling) on cut channels: no channel map to compare by
         if e.shape != a.shape:
             raise SurgeryMismatchError(
                 f"pruned model differs from the gated original first at layer {name!r}: "

@@ -1,0 +1,294 @@
+"""Channel groups of small hand-made networks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pnp.core.groups import IN, OUT, UntraceableModelError, find_channel_groups, legalize_keep
+from pnp.core.surgery import apply_surgery
+
+
+def sides(group) -> dict[str, set[str]]:
+    """``{module name: {"out", "in"}}``: which sides of which layers a group changes."""
+    out: dict[str, set[str]] = {}
+    for m in group.members:
+        out.setdefault(m.module, set()).add(m.side)
+    return out
+
+
+def group_of(groups, module: str, side: str = OUT):
+    found = [g for g in groups if any(m.module == module and m.side == side for m in g.members)]
+    assert len(found) == 1, f"{module!r} ({side}) is in {len(found)} groups: {groups.names}, excluded {groups.excluded}"
+    return found[0]
+
+
+def random_keep(groups, seed: int = 0, ratio: float = 0.5):
+    gen = torch.Generator().manual_seed(seed)
+    return {g.name: torch.rand(g.size, generator=gen) < ratio for g in groups}
+
+
+class TwoBranchAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.conv_b = nn.Conv2d(3, 8, 1, bias=False)
+        self.bn_b = nn.BatchNorm2d(8)
+        self.conv_c = nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_a(self.conv_a(x)) + self.bn_b(self.conv_b(x)))
+        return self.fc(self.conv_c(y).mean((2, 3)))
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.conv_c = nn.Conv2d(10, 5, 1)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(torch.cat([self.conv_a(x), self.conv_b(x)], dim=1)))
+        return self.fc(self.conv_c(y).mean((2, 3)))
+
+
+class DepthwiseSeparable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(3, 8, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.project = nn.Conv2d(8, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.expand(x)))
+        x = torch.relu(self.bn2(self.depthwise(x)))
+        return self.fc(self.project(x).mean((2, 3)))
+
+
+class GroupedConv(nn.Module):
+    """A 12-channel producer read by a convolution with 3 groups (blocks of 4 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 12, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(12)
+        self.grouped = nn.Conv2d(12, 12, 3, padding=1, groups=3, bias=False)
+        self.bn2 = nn.BatchNorm2d(12)
+        self.conv3 = nn.Conv2d(12, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.grouped(x)))
+        return self.fc(self.conv3(x).mean((2, 3)))
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.block1 = Block(8)
+        self.block2 = Block(8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.block2(torch.relu(self.block1(torch.relu(self.stem(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+class FullyConvolutional(nn.Module):
+    """Segmentation-style: the last convolution's channels are the model's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.classifier = nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.conv1(x)))
+
+
+class Explodes(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("this layer cannot run")
+
+
+class BrokenInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.body = nn.Sequential(nn.ReLU(), Explodes())
+
+    def forward(self, x):
+        return self.body(self.conv(x))
+
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def build(cls, randomize_norms):
+    torch.manual_seed(0)
+    return randomize_norms(cls().eval())
+
+
+def test_residual_add_couples_both_branches_into_one_group(randomize_norms):
+    model = build(TwoBranchAdd, randomize_norms)
+    groups = find_channel_groups(model, X)
+    g = group_of(groups, "conv_a")
+    assert g is group_of(groups, "conv_b")
+    assert g.size == 8
+    assert sides(g) == {"conv_a": {OUT}, "bn_a": {OUT}, "conv_b": {OUT}, "bn_b": {OUT}, "conv_c": {IN}}
+    pruned = apply_surgery(model, groups, random_keep(groups), X, verify=True)
+    assert pruned.conv_a.out_channels == pruned.conv_b.out_channels == pruned.conv_c.in_channels < 8
+
+
+def test_concatenated_producers_form_separate_groups_mapped_into_the_consumer(randomize_norms):
+    model = build(Concat, randomize_norms)
+    groups = find_channel_groups(model, X)
+    a, b = group_of(groups, "conv_a"), group_of(groups, "conv_b")
+    assert (a.size, b.size) == (4, 6)
+    for g, offset in ((a, 0), (b, 4)):
+        for side in (OUT, IN):
+            module = "bn" if side == OUT else "conv_c"
+            member = next(m for m in g.members if m.module == module and m.side == side)
+            # channel c of the group is channel offset + c of the concatenated tensor
+            assert member.indices.tolist() == [offset + int(r) for r in member.root_indices]
+            assert sorted(member.root_indices.tolist()) == list(range(g.size))
+    keep = {a.name: torch.tensor([1, 0, 1, 0], dtype=torch.bool), b.name: torch.tensor([0, 1, 1, 0, 0, 1], dtype=torch.bool)}
+    pruned = apply_surgery(model, groups, keep, X, verify=True)
+    assert (pruned.conv_a.out_channels, pruned.conv_b.out_channels, pruned.bn.num_features, pruned.conv_c.in_channels) == (2, 3, 5, 5)
+    assert pruned.pnp_channel_spec.modules["conv_c"]["kept_in"] == [0, 2, 5, 6, 9]
+
+
+def test_depthwise_convolution_is_coupled_with_its_producer(randomize_norms):
+    model = build(DepthwiseSeparable, randomize_norms)
+    groups = find_channel_groups(model, X)
+    g = group_of(groups, "expand")
+    assert sides(g) == {"expand": {OUT}, "bn1": {OUT}, "depthwise": {OUT}, "bn2": {OUT}, "project": {IN}}
+    assert g.blocks is None  # depthwise channels are independent: no block constraint
+    keep = {g.name: torch.tensor([1, 1, 0, 1, 0, 0, 0, 1], dtype=torch.bool)}
+    pruned = apply_surgery(model, groups, keep, X, verify=True)
+    dw = pruned.depthwise
+    assert (dw.in_channels, dw.out_channels, dw.groups, pruned.project.in_channels) == (4, 4, 4, 4)
+
+
+def test_grouped_convolution_exposes_blocks_and_legal_keep_has_equal_counts_per_block(randomize_norms):
+    model = build(GroupedConv, randomize_norms)
+    groups = find_channel_groups(model, X)
+    g = group_of(groups, "conv1")
+    assert g.num_blocks == 3
+    assert g.blocks.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    out_group = group_of(groups, "grouped")
+    assert out_group.num_blocks == 3
+
+    # blocks keep 3, 3 and 1: the fewest flips bring block 2 up to 3
+    keep = torch.tensor([1, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.9, 0.2, 0.8, 0.7, 0.6, 0.3, 0.9, 0.4])
+    legal, adjusted = legalize_keep(groups, {g.name: keep}, {g.name: scores})
+    assert torch.bincount(g.blocks[legal[g.name]], minlength=3).tolist() == [3, 3, 3]
+    assert bool(legal[g.name][keep].all())  # nothing kept was dropped
+    assert legal[g.name].nonzero().flatten().tolist() == [0, 1, 2, 4, 6, 7, 8, 10, 11]  # best-scored added
+    assert "2 channel(s) flipped" in adjusted[g.name]
+    assert out_group.name not in adjusted  # untouched groups are not reported
+
+    pruned = apply_surgery(model, groups, legal, X, verify=True)
+    assert (pruned.grouped.in_channels, pruned.grouped.groups) == (9, 3)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_legalize_keep_flips_as_few_channels_as_possible(randomize_norms, seed):
+    model = build(GroupedConv, randomize_norms)
+    groups = find_channel_groups(model, X)
+    keep = random_keep(groups, seed)
+    legal, _ = legalize_keep(groups, keep)
+    for g in groups:
+        if g.blocks is None:
+            continue
+        counts = torch.bincount(g.blocks[keep[g.name]], minlength=g.num_blocks)
+        fewest = min(int((counts - t).abs().sum()) for t in range(1, g.size // g.num_blocks + 1))
+        assert int((legal[g.name] != keep[g.name]).sum()) == fewest
+        legal_counts = torch.bincount(g.blocks[legal[g.name]], minlength=g.num_blocks)
+        assert len(set(legal_counts.tolist())) == 1 and int(legal_counts[0]) >= 1
+
+
+def test_surgery_refuses_unequal_blocks_when_not_legalised(randomize_norms):
+    model = build(GroupedConv, randomize_norms)
+    groups = find_channel_groups(model, X)
+    g = group_of(groups, "conv1")
+    keep = {g.name: torch.tensor([1, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)}
+    with pytest.raises(ValueError, match="same number"):
+        apply_surgery(model, groups, keep, X, legalize=False)
+
+
+def test_ignore_patterns_leave_groups_out_with_reason():
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    full = find_channel_groups(model, X)
+    assert {"block1.conv1", "block2.conv1"} <= set(full.names)
+
+    groups = find_channel_groups(model, X, ignore=["block*.conv1"])
+    for name in ("block1.conv1", "block2.conv1"):
+        assert name not in groups.names
+        assert f"ignored layer {name!r}" in groups.excluded[name]
+    assert len(groups) == len(full) - 2
+
+    one = find_channel_groups(model, X, ignore="block2.conv1")  # a single pattern works too
+    assert "block1.conv1" in one.names and "block2.conv1" in one.excluded
+
+
+def test_linear_classifier_output_is_never_prunable(randomize_norms):
+    model = build(TwoBranchAdd, randomize_norms)
+    groups = find_channel_groups(model, X)
+    assert "fc" not in groups.names
+    assert "model's output" in groups.excluded["fc"]
+    assert not any(m.module == "fc" and m.side == OUT for g in groups for m in g.members)
+
+
+def test_convolution_whose_output_is_the_model_output_is_never_prunable():
+    torch.manual_seed(0)
+    model = FullyConvolutional().eval()
+    groups = find_channel_groups(model, X)
+    assert groups.names == ["conv1"]
+    assert "model's output" in groups.excluded["classifier"]
+
+
+def test_forward_failing_inside_a_layer_names_that_layer():
+    model = BrokenInside().eval()
+    with pytest.raises(UntraceableModelError, match=r"'body\.1'.*this layer cannot run"):
+        find_channel_groups(model, X)
+
+
+def test_wrong_example_input_names_the_first_layer_that_rejects_it():
+    torch.manual_seed(0)
+    model = TwoBlocks().eval()
+    with pytest.raises(UntraceableModelError, match=r"at layer 'stem'"):
+        find_channel_groups(model, torch.randn(2, 5, 8, 8))
+
+
+def test_groups_smaller_than_min_size_are_left_out_with_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 1, 1), nn.ReLU(), nn.Conv2d(1, 4, 1), nn.Flatten(), nn.LazyLinear(2))
+    model(X)
+    model.eval()
+    groups = find_channel_groups(model, X)
+    assert "0" not in groups.names
+    assert "fewer than min_size=2" in groups.excluded["0"]
