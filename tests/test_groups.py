@@ -26,7 +26,12 @@ def group_of(groups, module: str, side: str = OUT):
 
 def random_keep(groups, seed: int = 0, ratio: float = 0.5):
     gen = torch.Generator().manual_seed(seed)
-    return {g.name: torch.rand(g.size, generator=gen) < ratio for g in groups}
+    keep = {}
+    for g in groups:
+        k = torch.rand(g.size, generator=gen) < ratio
+        k[torch.randint(g.size, (1,), generator=gen)] = True  # never drop a whole layer
+        keep[g.name] = k
+    return keep
 
 
 class TwoBranchAdd(nn.Module):
@@ -292,3 +297,9 @@ def test_groups_smaller_than_min_size_are_left_out_with_reason():
     groups = find_channel_groups(model, X)
     assert "0" not in groups.names
     assert "fewer than min_size=2" in groups.excluded["0"]
+
+
+def test_groups_come_in_network_order():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Conv2d(6, 5, 3)).eval()
+    groups = find_channel_groups(model, X)
+    assert groups.names == ["0", "2"]

@@ -16,7 +16,7 @@ from pnp.core.surgery import SurgeryMismatchError, apply_surgery, verify_surgery
 def case(small_cnn):
     model, x = small_cnn
     groups = find_channel_groups(model, x)
-    assert groups.names == ["head", "conv2", "conv1"]  # what the tests below rely on
+    assert groups.names == ["conv1", "conv2", "head"]  # network order; the tests below rely on it
     return model, groups, x
 
 

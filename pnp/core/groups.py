@@ -416,6 +416,8 @@ def find_channel_groups(
         for call, root_indices in carried.items():
             flows.setdefault(call, []).append((root_name, root_indices))
 
+    order = {n: i for i, n in enumerate(names.values())}
+    groups.sort(key=lambda g: order.get(g.name, len(order)))  # network order, for reports and plots
     result = ChannelGroups(groups, excluded, example_inputs)
     result.layer_costs = layer_costs(model, example_inputs, result, flows)
     marginal = CostModel(result).marginal_costs()

@@ -189,7 +189,13 @@ def shrink_module(module: nn.Module, kept_out: Sequence[int] | None, kept_in: Se
         removed = sorted(set(range(total)) - set(int(i) for i in kept_out))
         if removed:
             handler.prune_out_channels(module, removed)
-    if kept_in is not None and handler.prune_in_channels != handler.prune_out_channels:
+    coupled = handler.prune_in_channels == handler.prune_out_channels
+    if coupled and kept_in is not None and kept_out is not None and list(map(int, kept_in)) != list(map(int, kept_out)):
+        raise ValueError(
+            f"{type(module).__name__} ties its input channels to its output channels, "
+            "but kept_in differs from kept_out; the channel spec is inconsistent"
+        )
+    if kept_in is not None and not coupled:
         total = handler.get_in_channels(module)
         removed = sorted(set(range(total)) - set(int(i) for i in kept_in))
         if removed:
