@@ -118,8 +118,11 @@ class PrunerNetwork(nn.Module):
         init_keep: float = 0.9,
         noise: float = 0.0,
         mask_mode: str = "sample",
+        min_channels: int = 1,
     ):
         super().__init__()
+        if int(min_channels) < 1:
+            raise ValueError(f"min_channels {min_channels} must be >= 1")
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode {mask_mode!r} is not one of {MASK_MODES}")
         if not 0.0 < init_keep < 1.0:
@@ -161,6 +164,7 @@ class PrunerNetwork(nn.Module):
         self.temperature = float(temperature)
         self.noise = float(noise)
         self.mask_mode = mask_mode
+        self.min_channels = int(min_channels)
 
     @property
     def head(self) -> MultiTaskHead:
@@ -187,4 +191,16 @@ class PrunerNetwork(nn.Module):
         prob = torch.sigmoid(logits / self.temperature)
         if self.mask_mode == "batch":
             prob = prob.mean(0)
-        return self._split(_StraightThrough.apply(prob))
+        masks = self._split(_StraightThrough.apply(prob))
+        probs = self._split(prob.detach())
+        return {name: self._keep_floor(masks[name], probs[name]) for name in masks}
+
+    def _keep_floor(self, mask: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+        """Keep each group's ``min_channels`` most likely channels on.
+
+        A group with every channel off cuts the network in two: no gradient then
+        reaches the other groups' decisions, and the pruner cannot recover.
+        """
+        k = min(self.min_channels, mask.shape[-1])
+        floor = torch.zeros_like(mask).scatter(-1, prob.topk(k, dim=-1).indices, 1.0)
+        return torch.maximum(mask, floor)
