@@ -26,6 +26,7 @@ class PrunerModule(pl.LightningModule):
         target: nn.Module,
         groups: ChannelGroups,
         lr: float = 1e-3,
+        trunk_lr: float | None = None,
         weight_decay: float = 0.0,
         epochs: int = 5,
         sparsity: str = "flops",
@@ -44,6 +45,8 @@ class PrunerModule(pl.LightningModule):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr {lr} must be > 0")
+        if trunk_lr is not None and trunk_lr < 0:
+            raise ValueError(f"trunk_lr {trunk_lr} must be >= 0")
         if int(epochs) < 1:
             raise ValueError(f"epochs {epochs} must be >= 1")
         self.save_hyperparameters(ignore=["target", "groups"])
@@ -132,6 +135,15 @@ class PrunerModule(pl.LightningModule):
         self.keep_scores = self._scores.compute()
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(self.pruner.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # The trunk starts from the target's trained weights: it moves slower than the
+        # fresh head (default lr / 10), so the decisions do not swing all at once.
+        head = list(self.pruner.head.parameters())
+        head_ids = {id(p) for p in head}
+        trunk = [p for p in self.pruner.parameters() if id(p) not in head_ids]
+        trunk_lr = self.hparams.lr / 10 if self.hparams.trunk_lr is None else self.hparams.trunk_lr
+        optimizer = torch.optim.Adam(
+            [{"params": head, "lr": self.hparams.lr}, {"params": trunk, "lr": trunk_lr}],
+            weight_decay=self.hparams.weight_decay,
+        )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(self.hparams.epochs)))
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
