@@ -1,0 +1,403 @@
+"""The config schema of every command, and the checks run on it before any work.
+
+The dataclasses are registered in Hydra's ConfigStore and are the first default of
+each primary config in ``configs/``, so an unknown key or a value of the wrong type
+is rejected while the config is composed (OmegaConf names the full key). What a
+type cannot say (ranges, choices, paths that must exist) :func:`validate` checks,
+raising :class:`ConfigError` with the field and the value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
+DATA_KWARGS = ("in_channels", "num_classes", "input_size")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
+PRECISIONS = (
+    "64", "64-true", "32", "32-true", "16", "16-mixed", "16-true",
+    "bf16", "bf16-mixed", "bf16-true", "transformer-engine", "transformer-engine-float16",
+)
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "step", "constant")
+SPARSITY = ("flops", "channels")
+METRICS = ("flops", "params")
+MASK_MODES = ("sample", "batch")
+
+
+class InputError(ValueError):
+    """Input a command cannot use, found before any work started; the message names it."""
+
+
+class ConfigError(InputError):
+    """A config field has a value the command cannot use."""
+
+    def __init__(self, key: str, value: Any, why: str):
+        self.key, self.value = key, value
+        super().__init__(f"{key}={value!r}: {why}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "lenet5"
+    builder: str = "pnp:lenet5"
+    # which keyword arguments the builder takes from the data (pnp builders take all three)
+    data_kwargs: list[str] = field(default_factory=lambda: list(DATA_KWARGS))
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # fnmatch patterns of layers whose output channels are never pruned
+    ignore: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"
+    root: Optional[str] = None
+    batch_size: int = 128
+    num_workers: int = 0
+    val_size: int = 5000
+    seed: int = 0
+    channels: Optional[int] = None
+    image_size: Optional[int] = None
+    augment: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    sync_batchnorm: bool = False
+    limit_train_batches: Any = 1.0
+    limit_val_batches: Any = 1.0
+    limit_test_batches: Any = 1.0
+    log_every_n_steps: int = 50
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """Training of a classifier: the baseline target, or the pruned model's fine-tuning."""
+
+    epochs: int = 10
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    label_smoothing: float = 0.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 4.0
+
+
+@dataclass
+class PrunerConfig:
+    epochs: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    sparsity: str = "flops"
+    sparsity_weight: float = 1.0
+    budget: Optional[float] = None
+    budget_metric: str = "flops"
+    budget_weight: float = 10.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 4.0
+    temperature: float = 1.0
+    init_keep: float = 0.9
+    noise: float = 0.0
+    mask_mode: str = "sample"
+    head_layer: Optional[str] = None
+    # calibration samples whose keep probabilities are averaged for the read-out
+    calibration_samples: int = 2048
+
+
+@dataclass
+class ReadoutConfig:
+    threshold: float = 0.5
+    min_channels: int = 1
+    round_to: int = 1
+    budget: Optional[float] = None
+    metric: str = "flops"
+
+
+@dataclass
+class ReportConfig:
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    latency_threads: list[int] = field(default_factory=lambda: [1])
+    latency_repeats: int = 10
+
+
+@dataclass
+class CommonConfig:
+    out_dir: str = MISSING
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+@dataclass
+class TrainCommand(CommonConfig):
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class TrainPrunerCommand(CommonConfig):
+    target: str = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)
+
+
+@dataclass
+class PruneCommand(CommonConfig):
+    target: str = MISSING
+    # exactly one of: a pnp-train-pruner run directory, or a keep-decisions JSON file
+    pruner_run: Optional[str] = None
+    keep: Optional[str] = None
+    verify: bool = True
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)
+
+
+@dataclass
+class FinetuneCommand(CommonConfig):
+    pruned: str = MISSING
+    # the unpruned target to distil from (needed when finetune.kd_weight > 0)
+    teacher: Optional[str] = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=5, lr=0.01))
+
+
+@dataclass
+class PipelineCommand(CommonConfig):
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    readout: ReadoutConfig = field(default_factory=ReadoutConfig)
+    verify: bool = True
+    finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=5, lr=0.01))
+
+
+SCHEMAS = {
+    "train": TrainCommand,
+    "train_pruner": TrainPrunerCommand,
+    "prune": PruneCommand,
+    "finetune": FinetuneCommand,
+    "pipeline": PipelineCommand,
+}
+
+
+def register_schemas() -> None:
+    """Put each command's schema in Hydra's ConfigStore as ``schema/<command>``."""
+    store = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        store.store(group="schema", name=name, node=schema)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, why)
+
+
+def _choice(cfg: DictConfig, key: str, choices) -> None:
+    value = OmegaConf.select(cfg, key)
+    _require(value in choices, key, value, f"must be one of {', '.join(map(str, choices))}")
+
+
+def _number(cfg: DictConfig, key: str, low=None, high=None, low_open=False, high_open=False, optional=False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "must be a number")
+    _require(not math.isnan(value), key, value, "must be a number")
+    if low is not None:
+        if low_open:
+            _require(value > low, key, value, f"must be > {low}")
+        else:
+            _require(value >= low, key, value, f"must be >= {low}")
+    if high is not None:
+        if high_open:
+            _require(value < high, key, value, f"must be < {high}")
+        else:
+            _require(value <= high, key, value, f"must be <= {high}")
+
+
+def _fraction(cfg: DictConfig, key: str, optional=True) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    _require(isinstance(value, (int, float)) and 0.0 < value <= 1.0, key, value, "must be a fraction in (0, 1]")
+
+
+def _limit(cfg: DictConfig, key: str) -> None:
+    value = OmegaConf.select(cfg, key)
+    ok = (isinstance(value, float) and 0.0 < value <= 1.0) or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+    _require(ok, key, value, "must be a fraction in (0, 1] or a number of batches >= 1")
+
+
+def _existing(cfg: DictConfig, key: str, what: str, optional=False) -> Path | None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return None
+    _require(isinstance(value, str) and value != "", key, value, f"must be the path of {what}")
+    path = Path(value).expanduser()
+    _require(path.exists(), key, value, f"{what} does not exist")
+    return path
+
+
+def _check_model(cfg: DictConfig) -> None:
+    builder = cfg.model.builder
+    _require(isinstance(builder, str) and ":" in builder, "model.builder", builder,
+             "must look like 'pnp:<name>', 'torchvision:<name>' or 'package.module:function'")
+    source, name = builder.split(":", 1)
+    if source == "pnp":
+        from pnp.core.builders import registered_builders
+
+        known = registered_builders()
+        _require(builder in known, "model.builder", builder, f"is not registered; known: {', '.join(known)}")
+    elif source == "torchvision":
+        import torchvision
+
+        _require(name in torchvision.models.list_models(module=torchvision.models), "model.builder", builder,
+                 "torchvision has no classification model of that name")
+    for i, k in enumerate(cfg.model.data_kwargs):
+        _require(k in DATA_KWARGS, f"model.data_kwargs[{i}]", k, f"must be one of {', '.join(DATA_KWARGS)}")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    _choice(cfg, "data.name", DATASETS)
+    if cfg.data.root is None:
+        _require(cfg.data.name == "fashion_mnist", "data.root", None,
+                 f"data {cfg.data.name!r} has no default location: set data.root=<dataset directory>")
+    else:
+        _existing(cfg, "data.root", "the dataset directory")
+    _number(cfg, "data.batch_size", low=1)
+    _number(cfg, "data.num_workers", low=0)
+    _number(cfg, "data.val_size", low=0)
+    _number(cfg, "data.channels", low=1, optional=True)
+    _number(cfg, "data.image_size", low=8, optional=True)
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    _choice(cfg, "trainer.accelerator", ACCELERATORS)
+    _require(str(t.precision) in PRECISIONS, "trainer.precision", t.precision, f"must be one of {', '.join(PRECISIONS)}")
+    devices = t.devices
+    ok = (
+        devices == "auto"
+        or (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1))
+        or (isinstance(devices, str) and devices.replace(",", "").strip().isdigit())
+        or (OmegaConf.is_list(devices) and len(devices) > 0 and all(isinstance(d, int) and d >= 0 for d in devices))
+    )
+    _require(ok, "trainer.devices", devices, "must be a count >= 1, -1 (all), 'auto' or a list of device indices")
+    _require(isinstance(t.strategy, str) and t.strategy != "", "trainer.strategy", t.strategy,
+             "must name a Lightning strategy such as auto, ddp, ddp_spawn, fsdp")
+    _number(cfg, "trainer.num_nodes", low=1)
+    _number(cfg, "trainer.log_every_n_steps", low=1)
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        _limit(cfg, f"trainer.{key}")
+
+
+def _check_optim(cfg: DictConfig, section: str) -> None:
+    _number(cfg, f"{section}.epochs", low=1)
+    _choice(cfg, f"{section}.optimizer", OPTIMIZERS)
+    _choice(cfg, f"{section}.schedule", SCHEDULES)
+    _number(cfg, f"{section}.lr", low=0, low_open=True)
+    _number(cfg, f"{section}.weight_decay", low=0)
+    _number(cfg, f"{section}.momentum", low=0, high=1, high_open=True)
+    _number(cfg, f"{section}.label_smoothing", low=0, high=1, high_open=True)
+    _number(cfg, f"{section}.kd_weight", low=0)
+    _number(cfg, f"{section}.kd_temperature", low=0, low_open=True)
+
+
+def _check_pruner(cfg: DictConfig) -> None:
+    _number(cfg, "pruner.epochs", low=1)
+    _number(cfg, "pruner.lr", low=0, low_open=True)
+    _number(cfg, "pruner.weight_decay", low=0)
+    _choice(cfg, "pruner.sparsity", SPARSITY)
+    _number(cfg, "pruner.sparsity_weight", low=0)
+    _fraction(cfg, "pruner.budget")
+    _choice(cfg, "pruner.budget_metric", METRICS)
+    _number(cfg, "pruner.budget_weight", low=0)
+    _number(cfg, "pruner.kd_weight", low=0)
+    _number(cfg, "pruner.kd_temperature", low=0, low_open=True)
+    _number(cfg, "pruner.temperature", low=0, low_open=True)
+    init_keep = cfg.pruner.init_keep
+    _require(isinstance(init_keep, float) and 0.0 < init_keep < 1.0, "pruner.init_keep", init_keep, "must be in (0, 1)")
+    _number(cfg, "pruner.noise", low=0)
+    _choice(cfg, "pruner.mask_mode", MASK_MODES)
+    _number(cfg, "pruner.calibration_samples", low=1)
+
+
+def _check_readout(cfg: DictConfig) -> None:
+    _number(cfg, "readout.threshold", low=0, high=1)
+    _number(cfg, "readout.min_channels", low=1)
+    _number(cfg, "readout.round_to", low=1)
+    _fraction(cfg, "readout.budget")
+    _choice(cfg, "readout.metric", METRICS)
+
+
+def _check_report(cfg: DictConfig) -> None:
+    for i, b in enumerate(cfg.report.latency_batch_sizes):
+        _require(b >= 1, f"report.latency_batch_sizes[{i}]", b, "must be >= 1")
+    for i, n in enumerate(cfg.report.latency_threads):
+        _require(n >= 1, f"report.latency_threads[{i}]", n, "must be >= 1")
+    _number(cfg, "report.latency_repeats", low=1)
+
+
+def validate(cfg: DictConfig, command: str) -> None:
+    """Raise :class:`ConfigError` for the first field ``command`` cannot use."""
+    _require(isinstance(cfg.out_dir, str) and cfg.out_dir.strip() != "", "out_dir", cfg.out_dir, "must be a directory path")
+    _check_model(cfg)
+    _check_data(cfg)
+    _check_report(cfg)
+    if command != "prune":
+        _check_trainer(cfg)
+    if command in ("train", "pipeline"):
+        _check_optim(cfg, "train")
+    if command in ("train_pruner", "pipeline"):
+        _check_pruner(cfg)
+    if command in ("train_pruner", "prune", "pipeline"):
+        _check_readout(cfg)
+    if command in ("finetune", "pipeline"):
+        _check_optim(cfg, "finetune")
+    if command in ("train_pruner", "prune"):
+        _existing(cfg, "target", "the trained target (a pnp-train run directory or a checkpoint file)")
+    if command == "prune":
+        given = [k for k in ("pruner_run", "keep") if cfg[k] is not None]
+        _require(len(given) == 1, "pruner_run" if not given else "keep", cfg.keep if given else None,
+                 "give exactly one of pruner_run=<pnp-train-pruner run directory> or keep=<keep decisions JSON>")
+        _existing(cfg, "pruner_run", "the pnp-train-pruner run directory", optional=True)
+        _existing(cfg, "keep", "the keep decisions file", optional=True)
+    if command == "finetune":
+        _existing(cfg, "pruned", "the pruned model (a pnp-prune run directory or a saved pruned model)")
+        _existing(cfg, "teacher", "the teacher (a pnp-train run directory or a checkpoint file)", optional=True)
+        _require(cfg.finetune.kd_weight == 0 or cfg.teacher is not None, "teacher", cfg.teacher,
+                 f"finetune.kd_weight={cfg.finetune.kd_weight} distils from a teacher: set teacher=<pnp-train run directory>")
+
+
+def config_dir() -> Path:
+    """The ``configs/`` tree: ``$PNP_CONFIG_DIR``, else the one beside the ``pnp`` package."""
+    env = os.environ.get("PNP_CONFIG_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2] / "configs")
+    for path in candidates:
+        if (path / "pipeline.yaml").is_file():
+            return path
+    raise FileNotFoundError(
+        f"pnp's config tree was not found (looked in {', '.join(map(str, candidates))}); "
+        "set PNP_CONFIG_DIR to the configs/ directory of a pnp checkout"
+    )

@@ -1,0 +1,533 @@
+"""The four stages (train, train-pruner, prune, finetune), each into its own directory.
+
+Every stage function takes the composed config, the data, its :class:`StageDir`
+and what earlier stages produced (in memory), and returns a :class:`StageResult`.
+A stage that finished before in the same directory is not run again: its outputs
+are read back from disk. Work that touches files runs on rank 0 only; everything
+a later stage needs is computed on every rank, so each process of a
+distributed run walks through the same Trainer calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from pnp.cli.config import ConfigError, InputError
+from pnp.cli.loading import MODEL_DIR, load_pruned_model, load_target
+from pnp.cli.runs import StageDir, is_global_zero, write_text_atomic
+from pnp.core.artifacts import load_pruned, save_pruned
+
+KEEP_FILE = "keep.json"
+SCORES_FILE = "keep_scores.safetensors"
+PRUNER_FILE = "pruner.safetensors"
+CHANNELS_PLOT = "channels_per_layer.png"
+ACCURACY_PLOT = "accuracy_vs_flops.png"
+# data fields that say where and how fast data is read, not what is learned from it
+_DATA_HOW = ("root", "num_workers")
+
+
+@dataclass
+class Data:
+    """The data module and what a model built for it needs."""
+
+    module: Any
+    builder: str
+    builder_kwargs: dict
+    example_inputs: torch.Tensor
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.module.input_shape)
+
+    def metadata(self, **extra) -> dict:
+        dm = self.module
+        meta = {
+            "preprocessing": dm.preprocessing,
+            "input_shape": list(dm.input_shape),
+            "num_classes": int(dm.num_classes),
+            "dataset": dm.name,
+        }
+        if getattr(dm, "class_names", None):
+            meta["class_names"] = list(dm.class_names)
+        return {**meta, **extra}
+
+
+@dataclass
+class StageResult:
+    report: dict
+    model: nn.Module | None = None
+    scores: dict[str, torch.Tensor] | None = None
+    keep: dict[str, torch.Tensor] | None = None
+    skipped: bool = False
+    extras: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def build_data(cfg: DictConfig) -> Data:
+    """Read the dataset the config names; raise before any work if it is not there."""
+    from pnp.training.data import build_datamodule
+
+    d = cfg.data
+    try:
+        dm = build_datamodule(
+            d.name,
+            root=d.root,
+            batch_size=d.batch_size,
+            num_workers=d.num_workers,
+            val_size=d.val_size,
+            seed=d.seed,
+            channels=d.channels,
+            image_size=d.image_size,
+            augment=d.augment,
+        )
+    except ValueError as exc:  # the data module's messages name the data.* field
+        raise InputError(str(exc)) from None
+    available = {"in_channels": int(dm.input_shape[0]), "num_classes": int(dm.num_classes), "input_size": int(dm.input_shape[-1])}
+    kwargs = {k: available[k] for k in cfg.model.data_kwargs}
+    kwargs.update(OmegaConf.to_container(cfg.model.kwargs, resolve=True))
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    example = torch.randn(2, *dm.input_shape, generator=generator)
+    return Data(dm, cfg.model.builder, kwargs, example)
+
+
+def what_config(cfg: DictConfig, *sections: str, **extra) -> dict:
+    """The part of ``cfg`` that decides a stage's result (not where or on what hardware it runs)."""
+    out: dict[str, Any] = {"seed": cfg.seed}
+    for name in sections:
+        value = OmegaConf.to_container(cfg[name], resolve=True)
+        if name == "data":
+            value = {k: v for k, v in value.items() if k not in _DATA_HOW}
+        out[name] = value
+    out.update(extra)
+    return out
+
+
+def make_trainer(cfg: DictConfig, stage: StageDir, epochs: int, monitor: str | None):
+    """A Lightning Trainer as the ``trainer`` section says, logging and checkpointing into the stage."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    _quiet_lightning()
+    t = cfg.trainer
+    devices = OmegaConf.to_container(t.devices) if OmegaConf.is_list(t.devices) else t.devices
+    checkpoint = ModelCheckpoint(
+        dirpath=stage.path / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode="max",
+        save_top_k=1 if monitor else 0,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    return pl.Trainer(
+        accelerator=t.accelerator,
+        devices=devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        precision=t.precision,
+        sync_batchnorm=t.sync_batchnorm,
+        max_epochs=int(epochs),
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        limit_test_batches=t.limit_test_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        logger=TensorBoardLogger(save_dir=str(stage.path), name="tb", version="", default_hp_metric=False),
+        callbacks=[checkpoint],
+        default_root_dir=str(stage.path),
+        enable_model_summary=False,
+    )
+
+
+# Lightning warnings that pnp's stages cause on purpose
+_EXPECTED_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",  # the frozen target or teacher
+    r"Checkpoint directory .* exists and is not empty",  # a resumed stage
+    r"The number of training batches .* is smaller than the logging interval",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own, under torch >= 2.9
+)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _quiet_lightning() -> None:
+    log = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in log.filters):
+        log.addFilter(_DropTips())
+
+
+def fit(trainer, module, data: Data, stage: StageDir, resume: bool) -> None:
+    ckpt = stage.last_checkpoint if resume else None
+    if ckpt is not None and is_global_zero():
+        print(f"[pnp] resuming stage {stage.name!r} from {ckpt}", flush=True)
+    with warnings.catch_warnings():
+        for pattern in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        trainer.fit(module, datamodule=data.module, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+
+
+def calibrate(trainer, module, loader) -> None:
+    with warnings.catch_warnings():
+        for pattern in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        trainer.test(module, dataloaders=loader, verbose=False)
+
+
+def summarize(model: nn.Module, data: Data, cfg: DictConfig) -> dict | None:
+    """Test accuracy, FLOPs, params and CPU latency of ``model`` (rank 0 only; None elsewhere)."""
+    if not is_global_zero():
+        return None
+    from pnp.training.report import evaluate_accuracy, model_summary
+
+    model = model.to("cpu").eval()
+    summary = model_summary(
+        model,
+        data.input_shape,
+        batch_sizes=list(cfg.report.latency_batch_sizes),
+        threads=list(cfg.report.latency_threads),
+        repeats=int(cfg.report.latency_repeats),
+    )
+    summary["accuracy"] = float(evaluate_accuracy(model, data.module.test_dataloader()))
+    return summary
+
+
+def save_model(model: nn.Module, stage: StageDir, data: Data, **metadata) -> Path:
+    directory = stage.path / MODEL_DIR
+    if is_global_zero():
+        save_pruned(
+            model.to("cpu"), directory, builder=data.builder, builder_kwargs=data.builder_kwargs,
+            metadata=data.metadata(**metadata), overwrite=True,
+        )
+    return directory
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _classifier(cfg_section, model: nn.Module, teacher: nn.Module | None = None):
+    from pnp.training.classifier import ClassifierModule
+
+    return ClassifierModule(
+        model,
+        lr=cfg_section.lr,
+        weight_decay=cfg_section.weight_decay,
+        momentum=cfg_section.momentum,
+        optimizer=cfg_section.optimizer,
+        epochs=cfg_section.epochs,
+        schedule=cfg_section.schedule,
+        label_smoothing=cfg_section.label_smoothing,
+        teacher=teacher,
+        kd_weight=cfg_section.kd_weight if teacher is not None else 0.0,
+        kd_temperature=cfg_section.kd_temperature,
+    )
+
+
+def _monitor(data: Data) -> str | None:
+    return "val/acc" if data.module.val_size else None
+
+
+# ---------------------------------------------------------------- 1. baseline training
+
+
+def train(cfg: DictConfig, data: Data, stage: StageDir, state: str) -> StageResult:
+    """Train the target from scratch; save it as ``model/`` with its test summary."""
+    from pnp.core.builders import build_model
+
+    if state == "done":
+        return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR), skipped=True)
+    import pytorch_lightning as pl
+
+    start = time.perf_counter()
+    stage.start()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    model = build_model(data.builder, **data.builder_kwargs)
+    module = _classifier(cfg.train, model)
+    trainer = make_trainer(cfg, stage, cfg.train.epochs, _monitor(data))
+    fit(trainer, module, data, stage, resume=state == "resume")
+    model = module.model.to("cpu").eval()
+    save_model(model, stage, data, made_by="pnp-train")
+    summary = summarize(model, data, cfg)
+    report = stage.finish({"model": summary, "time_s": time.perf_counter() - start, "epochs": cfg.train.epochs})
+    return StageResult(report, model=model)
+
+
+# ---------------------------------------------------------------- 2. pruner training
+
+
+def keep_digest(keep: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(keep):
+        h.update(name.encode())
+        h.update(keep[name].to(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _gather(value: str) -> list[str]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, value)
+        return out
+    return [value]
+
+
+def _read_scores(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file, written beside ``path`` and renamed into place."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, target: nn.Module, readout: bool) -> StageResult:
+    """Train the pruner against the frozen target; average its keep probabilities on calibration data.
+
+    With ``readout`` the keep decisions are read out too (``keep.json``), and every
+    rank's decisions are compared: the report lists one digest per rank.
+    """
+    if state == "done":
+        report = stage.report()
+        return StageResult(report, scores=_read_scores(stage.path / SCORES_FILE), skipped=True)
+    import pytorch_lightning as pl
+
+    from pnp.training.pruner_module import PrunerModule
+
+    start = time.perf_counter()
+    stage.start()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    groups = find_groups(cfg, data, target)
+    p = cfg.pruner
+    module = PrunerModule(
+        target, groups, lr=p.lr, weight_decay=p.weight_decay, epochs=p.epochs, sparsity=p.sparsity,
+        sparsity_weight=p.sparsity_weight, budget=p.budget, budget_metric=p.budget_metric,
+        budget_weight=p.budget_weight, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
+        temperature=p.temperature, init_keep=p.init_keep, noise=p.noise, mask_mode=p.mask_mode,
+        head_layer=p.head_layer,
+    )
+    trainer = make_trainer(cfg, stage, p.epochs, monitor=None)
+    fit(trainer, module, data, stage, resume=state == "resume")
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/")) and v.numel() == 1}
+    samples = min(int(p.calibration_samples), len(data.module.train_indices))
+    calibrate(trainer, module, data.module.calibration_dataloader(samples))
+    scores = {k: v.detach().float().cpu() for k, v in module.keep_scores.items()}
+    if is_global_zero():
+        _save_tensors(scores, stage.path / SCORES_FILE)
+        _save_tensors(module.pruner.state_dict(), stage.path / PRUNER_FILE)
+    report: dict[str, Any] = {
+        "time_s": None,
+        "epochs": p.epochs,
+        "calibration_samples": samples,
+        "metrics": metrics,
+        "world_size": trainer.world_size,
+    }
+    keep = None
+    if readout:
+        keep, info = read_out(cfg, groups, scores)
+        digests = _gather(keep_digest(keep))
+        report["readout"] = info
+        report["keep_digest_per_rank"] = digests
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"ranks read out different keep decisions (digests {digests}); please report this as a bug")
+        write_keep(stage.path / KEEP_FILE, groups, keep, info)
+    report["time_s"] = time.perf_counter() - start
+    return StageResult(stage.finish(report), scores=scores, keep=keep)
+
+
+def find_groups(cfg: DictConfig, data: Data, model: nn.Module):
+    from pnp.core.groups import find_channel_groups
+
+    return find_channel_groups(model, data.example_inputs, ignore=list(cfg.model.ignore))
+
+
+def read_out(cfg: DictConfig, groups, scores, source: tuple[str, str] = ("pruner_run", "")) -> tuple[dict[str, torch.Tensor], dict]:
+    """Keep decisions from mean keep probabilities, as the ``readout`` section says.
+
+    ``source`` names the field (and value) the scores came from, for the error
+    raised when they belong to another model's groups.
+    """
+    from pnp.core.readout import decide_keep
+
+    wrong = [g.name for g in groups if g.name not in scores or tuple(scores[g.name].shape) != (g.size,)]
+    if wrong:
+        raise ConfigError(*source, f"its keep scores do not fit the target's channel groups (e.g. {wrong[0]!r}): "
+                                   "was the pruner trained for another model?")
+    r = cfg.readout
+    try:
+        keep, info = decide_keep(groups, scores, threshold=r.threshold, min_channels=r.min_channels,
+                                 round_to=r.round_to, budget=r.budget, metric=r.metric)
+    except ValueError as exc:
+        raise ConfigError("readout.budget", r.budget, str(exc)) from None
+    return keep, info
+
+
+def check_readout(cfg: DictConfig, data: Data) -> None:
+    """Raise now, not after training, if ``readout.budget`` cannot be met by this architecture."""
+    if cfg.readout.budget is None:
+        return
+    from pnp.core.builders import build_model
+
+    groups = find_groups(cfg, data, build_model(data.builder, **data.builder_kwargs))
+    read_out(cfg, groups, {g.name: torch.zeros(g.size) for g in groups})
+
+
+def write_keep(path: Path, groups, keep: dict[str, torch.Tensor], info: dict | None = None) -> None:
+    """``keep.json``: kept channel indices per group (one line each), group sizes, how they were read out."""
+    if not is_global_zero():
+        return
+    doc = {
+        "groups": {g.name: keep[g.name].nonzero().flatten().tolist() for g in groups},
+        "group_sizes": {g.name: g.size for g in groups},
+        "readout": info or {},
+    }
+    text = json.dumps(doc, indent=2)
+    text = re.sub(r"\[[\d,\s-]*\]", lambda m: json.dumps(json.loads(m.group())), text)  # index lists on one line
+    write_text_atomic(path, text + "\n")
+
+
+# ---------------------------------------------------------------- 3. surgery
+
+
+def prune(
+    cfg: DictConfig,
+    data: Data,
+    stage: StageDir,
+    state: str,
+    target: nn.Module,
+    groups,
+    keep: dict[str, torch.Tensor],
+    info: dict,
+    before: dict | None = None,
+) -> StageResult:
+    """Cut out what ``keep`` drops, save the pruned model, its keep decisions and a plot of them."""
+    from pnp.core.surgery import apply_surgery
+
+    if state == "done":
+        return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR), skipped=True)
+    start = time.perf_counter()
+    stage.start()
+    pruned = apply_surgery(target, groups, keep, data.example_inputs, verify=bool(cfg.verify))
+    save_model(pruned, stage, data, made_by="pnp-prune")
+    write_keep(stage.path / KEEP_FILE, groups, keep, info)
+    report: dict[str, Any] = {"readout": info}
+    if is_global_zero():
+        if before is None:
+            before = summarize(target, data, cfg)
+        after = summarize(pruned, data, cfg)
+        spec = pruned.pnp_channel_spec
+        kept = {name: len(idx) for name, idx in spec.groups.items()}
+        report.update({
+            "before": before,
+            "after": after,
+            "channels_kept": kept,
+            "channels_total": dict(spec.group_sizes),
+            "plots": write_plots(stage.path, target, kept, dict(spec.group_sizes), [("baseline", before), ("pruned", after)]),
+        })
+    report["time_s"] = time.perf_counter() - start
+    return StageResult(stage.finish(report), model=pruned, keep=keep)
+
+
+def write_plots(directory: Path, original: nn.Module, kept: dict, sizes: dict, models: list[tuple[str, dict | None]]) -> dict:
+    """Channels kept per group (in the original's layer order) and accuracy vs FLOPs; returns their paths."""
+    from pnp.training.report import plot_accuracy_vs_flops, plot_channels_per_layer
+
+    paths = {"channels_per_layer": directory / CHANNELS_PLOT, "accuracy_vs_flops": directory / ACCURACY_PLOT}
+    order = [name for name, _ in original.named_modules()]
+    plot_channels_per_layer(kept, sizes, paths["channels_per_layer"], order=order)
+    points = [{"label": label, "flops": s["flops"], "accuracy": s["accuracy"]} for label, s in models if s]
+    plot_accuracy_vs_flops(points, paths["accuracy_vs_flops"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+# ---------------------------------------------------------------- 4. fine-tuning
+
+
+def finetune(
+    cfg: DictConfig,
+    data: Data,
+    stage: StageDir,
+    state: str,
+    pruned: nn.Module,
+    teacher: nn.Module | None,
+    before: dict | None = None,
+) -> StageResult:
+    """Fine-tune the pruned model (distilling from ``teacher`` when given); save it as ``model/``.
+
+    ``before`` (the pruned model's summary before fine-tuning) is kept in the report.
+    """
+    if state == "done":
+        return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR), skipped=True)
+    import pytorch_lightning as pl
+
+    start = time.perf_counter()
+    stage.start()
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    spec = getattr(pruned, "pnp_channel_spec", None)
+    module = _classifier(cfg.finetune, pruned, teacher=teacher if cfg.finetune.kd_weight > 0 else None)
+    trainer = make_trainer(cfg, stage, cfg.finetune.epochs, _monitor(data))
+    fit(trainer, module, data, stage, resume=state == "resume")
+    model = module.model.to("cpu").eval()
+    if spec is not None:
+        model.pnp_channel_spec = spec
+    save_model(model, stage, data, made_by="pnp-finetune")
+    summary = summarize(model, data, cfg)
+    report = {"model": summary, "time_s": time.perf_counter() - start, "epochs": cfg.finetune.epochs}
+    if before is not None:
+        report["before"] = before
+    return StageResult(stage.finish(report), model=model)
+
+
+# ---------------------------------------------------------------- inputs of the single-stage commands
+
+
+def target_from(cfg: DictConfig, data: Data, field: str = "target") -> nn.Module:
+    return load_target(field, cfg[field], data.builder, data.builder_kwargs)
+
+
+def pruned_from(cfg: DictConfig, data: Data) -> nn.Module:
+    model = load_pruned_model("pruned", cfg.pruned)
+    shape = (model.pnp_metadata or {}).get("input_shape")
+    if shape is not None and tuple(shape) != data.input_shape:
+        raise ConfigError("pruned", cfg.pruned, f"the model takes inputs of shape {tuple(shape)}, but data {cfg.data.name!r} gives {data.input_shape}")
+    return model
+
+
+def scores_from(cfg: DictConfig) -> dict[str, torch.Tensor]:
+    path = Path(cfg.pruner_run) / SCORES_FILE
+    if not path.is_file():
+        raise ConfigError("pruner_run", cfg.pruner_run, f"holds no {SCORES_FILE}: pass the directory of a finished pnp-train-pruner run")
+    return _read_scores(path)
+
+
+def json_dump(obj) -> str:
+    return json.dumps(obj, indent=2)

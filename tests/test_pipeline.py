@@ -1,0 +1,166 @@
+"""pnp-pipeline end to end on a tiny Fashion-MNIST-format set: outputs, reloading, resuming."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from pnp.cli.config import config_dir, register_schemas
+from pnp.cli.main import run
+from pnp.cli.runs import StageConflictError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    with open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.tobytes())
+
+
+def write_fashion_mnist(root: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
+    """The four Fashion-MNIST IDX files, with a faint class-dependent block over noise (learnable, not trivially)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for part, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 140, (n, 28, 28))
+        for i, c in enumerate(labels):
+            r, col = divmod(int(c), 5)
+            images[i, 4 + r * 12 : 12 + r * 12, 1 + col * 5 : 6 + col * 5] += 45
+        write_idx(root / f"{part}-images-idx3-ubyte", images.clip(0, 255))
+        write_idx(root / f"{part}-labels-idx1-ubyte", labels)
+    return root
+
+
+def compose_config(command: str, overrides: list[str]):
+    register_schemas()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(command, overrides=overrides)
+
+
+def quick_overrides(data_root: Path, out_dir: Path) -> list[str]:
+    """One short epoch per stage on the tiny set."""
+    return [
+        f"data.root={data_root}",
+        f"out_dir={out_dir}",
+        "data.val_size=100",
+        "data.batch_size=50",
+        "train.epochs=1",
+        "train.lr=0.05",
+        "pruner.epochs=1",
+        "pruner.calibration_samples=100",
+        "finetune.epochs=1",
+        "trainer.limit_train_batches=6",
+        "trainer.enable_progress_bar=false",
+        "report.latency_batch_sizes=[1]",
+        "report.latency_repeats=2",
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pipeline")
+    data_root = write_fashion_mnist(base / "fashion")
+    out = base / "run"
+    overrides = quick_overrides(data_root, out) + ["finetune.kd_weight=0.5"]
+    report = run("pipeline", compose_config("pipeline", overrides), out)
+    return out, overrides, report
+
+
+def _tensorboard_tags(directory: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for events in directory.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
+def test_pipeline_writes_report_plots_logs_and_config(finished_run):
+    out, _, report = finished_run
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["status"] == "done"
+    for key in ("before", "pruned", "after"):
+        summary = saved[key]
+        assert 0.0 <= summary["accuracy"] <= 100.0
+        assert summary["flops"] > 0 and summary["params"] > 0
+        assert summary["latency"] and summary["latency"][0]["median_ms"] > 0
+    assert saved["after"]["flops"] < saved["before"]["flops"]
+    assert saved["after"]["params"] < saved["before"]["params"]
+    assert set(saved["stages"]) == {"train", "train_pruner", "prune", "finetune"}
+    assert all(s["time_s"] > 0 for s in saved["stages"].values())
+
+    for plot in ("channels_per_layer.png", "accuracy_vs_flops.png"):
+        assert (out / plot).read_bytes()[:8] == PNG_MAGIC
+
+    assert {"train/loss_epoch", "val/acc"} <= _tensorboard_tags(out / "train" / "tb")
+    assert {"train/sparsity_loss_epoch", "train/flops_kept_epoch"} <= _tensorboard_tags(out / "train_pruner" / "tb")
+    assert "train/kd_loss_epoch" in _tensorboard_tags(out / "finetune" / "tb")
+    assert (out / "train" / "checkpoints" / "last.ckpt").is_file()
+
+    resolved = OmegaConf.load(out / ".hydra" / "config.yaml")
+    assert resolved.finetune.kd_weight == 0.5 and resolved.train.epochs == 1
+
+
+def test_pruned_model_reloads_with_the_reported_accuracy(finished_run):
+    from pnp.core.artifacts import load_pruned
+    from pnp.training.data import build_datamodule
+    from pnp.training.report import evaluate_accuracy
+
+    out, _, report = finished_run
+    model = load_pruned(out / "finetune" / "model")
+    meta = model.pnp_metadata
+    assert meta["input_shape"] == [1, 28, 28] and meta["num_classes"] == 10
+    assert set(meta["preprocessing"]) >= {"mean", "std", "size", "channels"}
+
+    keep = json.loads((out / "prune" / "keep.json").read_text())
+    assert model.pnp_channel_spec.groups == keep["groups"]
+    assert sum(p.numel() for p in model.parameters()) == report["after"]["params"]
+
+    cfg = OmegaConf.load(out / ".hydra" / "config.yaml")
+    dm = build_datamodule("fashion_mnist", root=cfg.data.root, batch_size=64, val_size=cfg.data.val_size)
+    assert evaluate_accuracy(model, dm.test_dataloader()) == pytest.approx(report["after"]["accuracy"])
+
+
+def test_rerun_skips_finished_stages_and_refuses_a_changed_config(finished_run):
+    out, overrides, _ = finished_run
+    weights = out / "finetune" / "model" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+
+    again = run("pipeline", compose_config("pipeline", overrides), out)
+    assert all(s["skipped"] for s in again["stages"].values())
+    assert weights.stat().st_mtime_ns == stamp
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(StageConflictError, match=r"train\.epochs: 1 -> 2"):
+        run("pipeline", compose_config("pipeline", overrides + ["train.epochs=2"]), out)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_interrupted_stage_resumes_from_its_last_checkpoint(finished_run):
+    from safetensors.torch import load_file
+
+    out, overrides, _ = finished_run
+    weights = out / "finetune" / "model" / "model.safetensors"
+    trained = load_file(str(weights))
+    # a run that stopped after its last checkpoint but before the stage finished
+    (out / "finetune" / "report.json").unlink()
+
+    report = run("pipeline", compose_config("pipeline", overrides), out)
+    assert [n for n, s in report["stages"].items() if not s["skipped"]] == ["finetune"]
+    resumed = load_file(str(weights))
+    # every epoch was already done, so the weights come back from last.ckpt unchanged
+    assert all(torch.equal(trained[k], resumed[k]) for k in trained)
+    assert json.loads((out / "finetune" / "report.json").read_text())["status"] == "done"

@@ -1,0 +1,11 @@
+"""pnp-finetune, runnable from a checkout: `python tools/finetune.py [overrides]`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pnp.cli.main import finetune  # noqa: E402
+
+if __name__ == "__main__":
+    finetune()

@@ -1,0 +1,11 @@
+"""pnp-train-pruner, runnable from a checkout: `python tools/train_pruner.py [overrides]`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pnp.cli.main import train_pruner  # noqa: E402
+
+if __name__ == "__main__":
+    train_pruner()
