@@ -103,6 +103,8 @@ class OptimConfig:
 class PrunerConfig:
     epochs: int = 3
     lr: float = 1e-3
+    # the trunk starts from the target's weights; null: lr / 10
+    trunk_lr: Optional[float] = None
     weight_decay: float = 0.0
     sparsity: str = "flops"
     sparsity_weight: float = 1.0
@@ -326,6 +328,7 @@ def _check_optim(cfg: DictConfig, section: str) -> None:
 def _check_pruner(cfg: DictConfig) -> None:
     _number(cfg, "pruner.epochs", low=1)
     _number(cfg, "pruner.lr", low=0, low_open=True)
+    _number(cfg, "pruner.trunk_lr", low=0, optional=True)
     _number(cfg, "pruner.weight_decay", low=0)
     _choice(cfg, "pruner.sparsity", SPARSITY)
     _number(cfg, "pruner.sparsity_weight", low=0)

@@ -329,7 +329,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     groups = find_groups(cfg, data, target)
     p = cfg.pruner
     module = PrunerModule(
-        target, groups, lr=p.lr, weight_decay=p.weight_decay, epochs=p.epochs, sparsity=p.sparsity,
+        target, groups, lr=p.lr, trunk_lr=p.trunk_lr, weight_decay=p.weight_decay, epochs=p.epochs, sparsity=p.sparsity,
         sparsity_weight=p.sparsity_weight, budget=p.budget, budget_metric=p.budget_metric,
         budget_weight=p.budget_weight, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
         temperature=p.temperature, init_keep=p.init_keep, noise=p.noise, mask_mode=p.mask_mode,
