@@ -207,6 +207,15 @@ def run_model(model: nn.Module, example_inputs):
     return model(example_inputs)
 
 
+def first_tensor(output) -> torch.Tensor:
+    """The first tensor of a model's output (a tensor, a mapping or a sequence)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        return first_tensor(next(iter(output.values())))
+    return first_tensor(output[0])
+
+
 def build_dependency_graph(model: nn.Module, example_inputs, ignored_modules=()) -> tp.DependencyGraph:
     """Trace ``model`` into torch-pruning's dependency graph, with errors that name the layer."""
     was_training = model.training

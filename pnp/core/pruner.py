@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Mapping
 
 import torch
 import torch.nn as nn
 
-from pnp.core.groups import ChannelGroups, run_model
+from pnp.core.groups import ChannelGroups, first_tensor, run_model
 
 MASK_MODES = ("sample", "batch")
 
@@ -83,7 +82,7 @@ def _layer_outputs(model: nn.Module, example_inputs):
         model.train(was_training)
         for h in handles:
             h.remove()
-    out = out if isinstance(out, torch.Tensor) else next(iter(out.values())) if isinstance(out, Mapping) else out[0]
+    out = first_tensor(out)
     return out, last
 
 

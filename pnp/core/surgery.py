@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from pnp.core.groups import IN, OUT, ChannelGroups, build_dependency_graph, legalize_keep, run_model
+from pnp.core.groups import IN, OUT, ChannelGroups, build_dependency_graph, first_tensor, legalize_keep, run_model
 from pnp.core.handlers import handler_for
 
 
@@ -186,7 +186,7 @@ def verify_surgery(
         gated.remove()
         original.train(states[0])
         pruned.train(states[1])
-    expected_t, actual_t = _first_tensor(expected), _first_tensor(actual)
+    expected_t, actual_t = first_tensor(expected), first_tensor(actual)
     diff = (expected_t - actual_t).abs().max().item() if expected_t.shape == actual_t.shape else float("inf")
     scale = expected_t.abs().max().item()
     if diff <= atol + rtol * scale:
@@ -220,11 +220,3 @@ def verify_surgery(
 
 def _as_args(example_inputs):
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
-def _first_tensor(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, Mapping):
-        return _first_tensor(next(iter(out.values())))
-    return _first_tensor(out[0])

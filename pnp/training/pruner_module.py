@@ -103,9 +103,8 @@ class PrunerModule(pl.LightningModule):
             self.log(f"{stage}/kd_loss", terms["kd"], on_step=on_step, on_epoch=True, sync_dist=sync)
         if stage == "val":
             n = x.shape[0]
-            for name, m in masks.items():
-                kept = m.detach().float().reshape(-1, m.shape[-1]).mean(0) * n
-                self._val_kept[name] = self._val_kept.get(name, 0) + kept.sum() / m.shape[-1]
+            for name, m in masks.items():  # fraction kept, weighted by batch size
+                self._val_kept[name] = self._val_kept.get(name, 0) + m.detach().float().mean() * n
             self._val_count += n
         return terms["loss"]
 
