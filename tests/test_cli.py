@@ -197,3 +197,27 @@ def test_prune_from_given_keep_decisions(tmp_path, data_root, lenet_dir):
 
 def quick_overrides_for(data_root: Path, tmp_path: Path) -> list[str]:
     return [f"data.root={data_root}", f"out_dir={tmp_path / 'out'}", "data.val_size=50"]
+
+
+def test_installed_wheel_carries_the_config_tree(tmp_path):
+    """A non-editable install has no checkout beside it: its wheel must hold every config."""
+    import zipfile
+
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy(root / name, source / name)
+    for name in ("pnp", "configs"):
+        shutil.copytree(root / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("pnp-*.whl")
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("pnp/configs/")}
+    expected = {f"pnp/configs/{p.relative_to(root / 'configs').as_posix()}" for p in (root / "configs").rglob("*.yaml")}
+    assert expected and expected <= shipped

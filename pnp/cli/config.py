@@ -393,10 +393,11 @@ def validate(cfg: DictConfig, command: str) -> None:
 
 
 def config_dir() -> Path:
-    """The ``configs/`` tree: ``$PNP_CONFIG_DIR``, else the one beside the ``pnp`` package."""
+    """The ``configs/`` tree: ``$PNP_CONFIG_DIR``, else the installed package's, else the checkout's."""
     env = os.environ.get("PNP_CONFIG_DIR")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "configs")
+    package = Path(__file__).resolve().parents[1]
+    candidates += [package / "configs", package.parent / "configs"]
     for path in candidates:
         if (path / "pipeline.yaml").is_file():
             return path
