@@ -99,3 +99,14 @@ def test_bad_settings_are_refused():
         ClassifierModule(small_net(), optimizer="rmsprop")
     with pytest.raises(ValueError, match="schedule 'linear'"):
         ClassifierModule(small_net(), schedule="linear")
+
+
+def test_model_handed_over_in_eval_mode_trains_its_batchnorm_statistics():
+    """A pruned or reloaded model arrives in eval mode; fine-tuning must still update BatchNorm."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 4)).eval()
+    teacher = small_net(seed=1).eval()
+    module = ClassifierModule(model, lr=0.01, epochs=1, teacher=teacher, kd_weight=0.5)
+    trainer(max_epochs=1).fit(module, synthetic_loader())
+    assert model[1].num_batches_tracked.item() == 8  # every training batch updated the running statistics
+    assert not teacher.training

@@ -68,6 +68,11 @@ class ClassifierModule(pl.LightningModule):
     def uses_teacher(self) -> bool:
         return self.teacher is not None and self.hparams.kd_weight > 0
 
+    def on_fit_start(self) -> None:
+        # Lightning trains modules in the mode it finds them in; a model loaded or
+        # pruned for inference arrives in eval mode, which would freeze its BatchNorm
+        self.train()
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.teacher is not None:
@@ -81,15 +86,15 @@ class ClassifierModule(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self.model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.log("train/ce_loss", loss, on_step=False, on_epoch=True)
+        self.log("train/ce_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         if self.uses_teacher:
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
             kd = kd_loss(logits, teacher_logits, self.hparams.kd_temperature)
-            self.log("train/kd_loss", kd, on_step=True, on_epoch=True)
+            self.log("train/kd_loss", kd, on_step=True, on_epoch=True, sync_dist=True)
             loss = loss + self.hparams.kd_weight * kd
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", _accuracy(logits, y), on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log("train/acc", _accuracy(logits, y), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 
     def _evaluate(self, batch, stage: str) -> None:

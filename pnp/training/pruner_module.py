@@ -90,7 +90,7 @@ class PrunerModule(pl.LightningModule):
         terms = self.objective(logits, y, masks, teacher)
         acc = (logits.argmax(-1) == y).float().mean() * 100.0
         on_step = stage == "train"
-        sync = stage != "train"
+        sync = True  # epoch figures are means over every process (a no-op on one device)
         self.log(f"{stage}/loss", terms["loss"], on_step=on_step, on_epoch=True, sync_dist=sync)
         self.log(f"{stage}/task_loss", terms["task"], on_step=on_step, on_epoch=True, sync_dist=sync)
         self.log(f"{stage}/sparsity_loss", terms["sparsity"], on_step=on_step, on_epoch=True, sync_dist=sync)
