@@ -28,6 +28,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[train,export,test]"
 	touch $(STAMP)
 
+# detectron2 for pnp.detection (object detection), after the base set-up: the
+# pb1-detectron2 sdist's Python sources with pnp.detection.compat standing in for
+# its missing compiled ops. A detectron2 built from source is kept as it is.
+DETECTRON2_STAMP := $(VENV)/.pnp-detectron2-installed
+
+.PHONY: setup-detection
+
+setup-detection: $(DETECTRON2_STAMP)
+
+$(DETECTRON2_STAMP): $(STAMP) pnp/detection/install.py
+	$(BIN)/python -m pnp.detection.install
+	touch $(DETECTRON2_STAMP)
+
 # Real Fashion-MNIST, from the Debian package (needs root; otherwise say what to do).
 data:
 	@if [ -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ] || [ -f $(FASHION_MNIST)/train-images-idx3-ubyte ]; then \
@@ -42,7 +55,7 @@ data:
 run: setup data
 	$(BIN)/pnp-pipeline $(ARGS)
 
-test: setup
+test: setup setup-detection
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean-runs:

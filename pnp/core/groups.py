@@ -216,8 +216,14 @@ def first_tensor(output) -> torch.Tensor:
     return first_tensor(output[0])
 
 
-def build_dependency_graph(model: nn.Module, example_inputs, ignored_modules=()) -> tp.DependencyGraph:
-    """Trace ``model`` into torch-pruning's dependency graph, with errors that name the layer."""
+def build_dependency_graph(
+    model: nn.Module, example_inputs, ignored_modules=(), pnp_conv_handler: bool = True
+) -> tp.DependencyGraph:
+    """Trace ``model`` into torch-pruning's dependency graph, with errors that name the layer.
+
+    ``pnp_conv_handler=False`` keeps torch-pruning's convolution handler (see
+    :func:`pnp.core.handlers.make_dependency_graph`).
+    """
     was_training = model.training
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for p in frozen:  # the tracer follows autograd, which skips frozen weights
@@ -227,7 +233,7 @@ def build_dependency_graph(model: nn.Module, example_inputs, ignored_modules=())
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with _track_running_module(model, failed_in):
-                graph = make_dependency_graph()
+                graph = make_dependency_graph(pnp_conv_handler)
                 # torch-pruning's tracer calls model(*inputs) and retries with the
                 # whole tuple; a single call through forward_fn keeps errors readable.
                 graph.build_dependency(

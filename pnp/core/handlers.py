@@ -161,10 +161,15 @@ def _feeds_linear(node, depth: int = 0) -> bool:
     return True
 
 
-def make_dependency_graph() -> tp.DependencyGraph:
-    """A torch-pruning dependency graph whose convolution handler is pnp's."""
+def make_dependency_graph(pnp_conv_handler: bool = True) -> tp.DependencyGraph:
+    """A torch-pruning dependency graph whose convolution handler is pnp's.
+
+    ``pnp_conv_handler=False`` keeps torch-pruning's own, which its importance
+    classes (``tp.importance``) recognise: for scoring channels, not for cutting them.
+    """
     graph = DependencyGraph()
-    graph.REGISTERED_PRUNERS[tp.ops.OPTYPE.CONV] = _CONV_HANDLER
+    if pnp_conv_handler:
+        graph.REGISTERED_PRUNERS[tp.ops.OPTYPE.CONV] = _CONV_HANDLER
     graph._in_channel_pruning_fn = {p.prune_in_channels for p in graph.REGISTERED_PRUNERS.values() if p is not None}
     graph._out_channel_pruning_fn = {p.prune_out_channels for p in graph.REGISTERED_PRUNERS.values() if p is not None}
     return graph

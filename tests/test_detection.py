@@ -1,0 +1,194 @@
+"""detectron2 integration: the install's compatibility layer, the composed COCO data, the Faster R-CNN detector."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed (make setup-detection installs it)")
+
+from pnp.detection.compat import MissingCompiledOpError, MissingCompiledOps, import_detectron2  # noqa: E402
+from pnp.detection.data import box_iou, compose_fashion_mnist_detection, register_coco  # noqa: E402
+from pnp.detection.modeling import build_detector, detector_config  # noqa: E402
+
+import_detectron2()
+from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader  # noqa: E402
+from detectron2.engine import SimpleTrainer  # noqa: E402
+from detectron2.structures import Instances  # noqa: E402
+from detectron2.utils.events import EventStorage  # noqa: E402
+
+TRAIN_BRIGHTNESS, TEST_BRIGHTNESS = 250, 120
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_items(n: int, brightness: int, rng) -> np.ndarray:
+    """28x28 items: a filled rectangle of random extent on a black background."""
+    items = np.zeros((n, 28, 28), dtype=np.uint8)
+    for i in range(n):
+        y0, x0 = rng.integers(0, 10, size=2)
+        y1, x1 = rng.integers(18, 28, size=2)
+        items[i, y0:y1, x0:x1] = brightness
+    return items
+
+
+@pytest.fixture(scope="module")
+def fashion_root(tmp_path_factory):
+    """Fashion-MNIST-shaped IDX files whose train items are brighter than their test items."""
+    root = tmp_path_factory.mktemp("fashion")
+    rng = np.random.default_rng(0)
+    write_idx(root / "train-images-idx3-ubyte.gz", fake_items(40, TRAIN_BRIGHTNESS, rng))
+    write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 40))
+    write_idx(root / "t10k-images-idx3-ubyte.gz", fake_items(20, TEST_BRIGHTNESS, rng))
+    write_idx(root / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 20))
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_split(tmp_path_factory, fashion_root):
+    out = tmp_path_factory.mktemp("det")
+    return compose_fashion_mnist_detection(out, "train", num_images=12, seed=3, image_size=96, root=fashion_root)
+
+
+def load(json_file):
+    with open(json_file) as f:
+        return json.load(f)
+
+
+def test_composed_split_is_valid_coco(train_split):
+    coco = load(train_split.json_file)
+    assert len(coco["images"]) == 12
+    assert [c["id"] for c in coco["categories"]] == list(range(1, 11))
+    per_image = {im["id"]: [] for im in coco["images"]}
+    for ann in coco["annotations"]:
+        per_image[ann["image_id"]].append(ann)
+        x, y, w, h = ann["bbox"]
+        assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= 96 and y + h <= 96
+        assert 0 < ann["area"] <= w * h and ann["iscrowd"] == 0 and 1 <= ann["category_id"] <= 10
+    assert all(2 <= len(anns) <= 5 for anns in per_image.values())
+    overlapping = 0
+    for anns in per_image.values():
+        boxes = [(a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]) for a in anns]
+        overlapping += any(box_iou(a, b) > 0 for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    assert overlapping >= 1
+    sides = [a["bbox"][2] for a in coco["annotations"]]
+    assert max(sides) > 1.5 * min(sides)  # varied sizes
+    for im in coco["images"]:
+        image = np.asarray(Image.open(train_split.image_root / im["file_name"]))
+        assert image.shape == (im["height"], im["width"]) == (96, 96)
+        for a in per_image[im["id"]]:  # the box is tight on the item's pixels
+            x, y, w, h = (int(v) for v in a["bbox"])
+            assert image[y : y + h, x : x + w].max() > 0
+
+
+def test_same_seed_same_files_and_val_uses_test_items(tmp_path, fashion_root, train_split):
+    again = compose_fashion_mnist_detection(tmp_path, "train", num_images=12, seed=3, image_size=96, root=fashion_root)
+    assert load(again.json_file) == load(train_split.json_file)
+    for f in sorted(train_split.image_root.iterdir()):
+        assert (again.image_root / f.name).read_bytes() == f.read_bytes()
+    other = compose_fashion_mnist_detection(tmp_path / "b", "train", num_images=12, seed=4, image_size=96, root=fashion_root)
+    assert load(other.json_file)["annotations"] != load(train_split.json_file)["annotations"]
+
+    val = compose_fashion_mnist_detection(tmp_path, "val", num_images=4, seed=3, image_size=96, root=fashion_root)
+    pixels = np.stack([np.asarray(Image.open(p)) for p in sorted(val.image_root.iterdir())])
+    assert 0 < pixels.max() <= TEST_BRIGHTNESS  # drawn from the test items only
+
+
+def test_rewriting_a_split_with_other_arguments_needs_overwrite(tmp_path, fashion_root):
+    paths = compose_fashion_mnist_detection(tmp_path, "val", num_images=3, seed=0, image_size=64, root=fashion_root)
+    stamp = paths.json_file.stat().st_mtime_ns
+    compose_fashion_mnist_detection(tmp_path, "val", num_images=3, seed=0, image_size=64, root=fashion_root)
+    assert paths.json_file.stat().st_mtime_ns == stamp  # same arguments: kept as it is
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        compose_fashion_mnist_detection(tmp_path, "val", num_images=5, seed=0, image_size=64, root=fashion_root)
+    compose_fashion_mnist_detection(tmp_path, "val", num_images=5, seed=0, image_size=64, root=fashion_root, overwrite=True)
+    assert len(load(paths.json_file)["images"]) == len(list(paths.image_root.iterdir())) == 5
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"split": "test"}, "split='test'"), ({"max_objects": 1}, "max_objects=1"), ({"scale_range": (0.5, 0.2)}, "scale_range")],
+)
+def test_bad_generator_arguments_are_named(tmp_path, kwargs, field):
+    with pytest.raises(ValueError, match=field.replace("(", r"\(")):
+        compose_fashion_mnist_detection(tmp_path, **{"num_images": 2, **kwargs})
+
+
+def test_register_coco_gives_detectron2_dicts(train_split):
+    name = register_coco("pnp_test_fashion_det", train_split.image_root, train_split.json_file)
+    register_coco(name, train_split.image_root, train_split.json_file)  # same files again: nothing to do
+    dicts = DatasetCatalog.get(name)
+    assert len(dicts) == 12
+    assert all(d["annotations"] and d["file_name"].startswith(str(train_split.image_root)) for d in dicts)
+    assert {a["category_id"] for d in dicts for a in d["annotations"]} <= set(range(10))  # contiguous ids
+    assert len(MetadataCatalog.get(name).thing_classes) == 10
+    with pytest.raises(ValueError, match="already registered"):
+        register_coco(name, train_split.image_root.parent, train_split.json_file)
+
+
+def test_register_coco_names_the_missing_path(tmp_path, train_split):
+    with pytest.raises(FileNotFoundError, match="json_file=.*missing.json"):
+        register_coco("pnp_missing_json", train_split.image_root, tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match="image_root=.*no-images"):
+        register_coco("pnp_missing_images", tmp_path / "no-images", train_split.json_file)
+
+
+def test_placeholder_ops_name_the_op():
+    placeholder = MissingCompiledOps()
+    with pytest.raises(MissingCompiledOpError, match="deform_conv_forward"):
+        placeholder.deform_conv_forward
+    assert not hasattr(placeholder, "__file__") and not hasattr(placeholder, "_private")
+    assert isinstance(placeholder.get_compiler_version(), str)
+    assert Image.LINEAR == Image.BILINEAR
+
+
+def test_r18_fpn_trains_a_step_and_detects(train_split):
+    torch.manual_seed(0)
+    name = register_coco("pnp_test_fashion_det_train", train_split.image_root, train_split.json_file)
+    cfg = detector_config(depth=18, image_size=96, fpn_channels=64, train_datasets=[name])
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SEED = 0
+    model = build_detector(cfg)
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    before = model.backbone.bottom_up.stem.conv1.weight.detach().clone()
+    trainer = SimpleTrainer(model, build_detection_train_loader(cfg), optimizer)
+    with EventStorage(0) as storage:
+        trainer.iter = 0
+        trainer.run_step()
+        losses = {k: v for k, v in storage.latest().items() if k.startswith("loss") or k == "total_loss"}
+    assert {"loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"} <= set(losses)
+    assert all(math.isfinite(value) for value, _ in losses.values())
+    assert not torch.equal(before, model.backbone.bottom_up.stem.conv1.weight)  # the backbone learned
+
+    model.eval()
+    image = torch.randint(0, 255, (3, 80, 112), dtype=torch.uint8).float()
+    with torch.no_grad():
+        (output,) = model([{"image": image, "height": 40, "width": 56}])
+    instances = output["instances"]
+    assert isinstance(instances, Instances) and instances.image_size == (40, 56)
+    assert {"pred_boxes", "scores", "pred_classes"} <= set(instances.get_fields())
+
+
+def test_r50_fpn_backbone_gives_every_level():
+    cfg = detector_config(depth=50, image_size=64, fpn_channels=32)
+    model = build_detector(cfg).eval()
+    assert all(isinstance(m, torch.nn.BatchNorm2d) for n, m in model.backbone.named_modules() if n.endswith("norm"))
+    with torch.no_grad():
+        features = model.backbone(torch.randn(1, 3, 64, 64))
+    assert {k: tuple(v.shape[1:]) for k, v in features.items()} == {
+        "p2": (32, 16, 16), "p3": (32, 8, 8), "p4": (32, 4, 4), "p5": (32, 2, 2), "p6": (32, 1, 1),
+    }
