@@ -15,6 +15,7 @@ from PIL import Image
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (make setup-detection installs it)")
 
+import pnp  # noqa: E402
 from pnp.detection.compat import MissingCompiledOpError, MissingCompiledOps, import_detectron2  # noqa: E402
 from pnp.detection.data import box_iou, compose_fashion_mnist_detection, register_coco  # noqa: E402
 from pnp.detection.modeling import build_detector, detector_config  # noqa: E402
@@ -192,3 +193,51 @@ def test_r50_fpn_backbone_gives_every_level():
     assert {k: tuple(v.shape[1:]) for k, v in features.items()} == {
         "p2": (32, 16, 16), "p3": (32, 8, 8), "p4": (32, 4, 4), "p5": (32, 2, 2), "p6": (32, 1, 1),
     }
+
+
+def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of every convolution call, per sample, counted with forward hooks."""
+    total = 0
+
+    def hook(conv, args, out):
+        nonlocal total
+        total += out[0].numel() * (conv.in_channels // conv.groups) * conv.weight[0, 0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def test_r18_fpn_backbone_prunes_its_norms_and_counts_its_convolutions(randomize_norms):
+    torch.manual_seed(0)
+    backbone = randomize_norms(build_detector(detector_config(depth=18, image_size=128)).backbone.eval())
+    x = torch.randn(1, 3, 128, 128)
+    groups = pnp.find_channel_groups(backbone, x)
+    modules = dict(backbone.named_modules())
+    norms = {n for n, m in modules.items() if isinstance(m, torch.nn.BatchNorm2d)}
+    in_groups = {m.module for g in groups for m in g.members if m.side == "out"}
+    assert norms and norms <= in_groups  # every conv's own norm (detectron2 Conv2d.norm) shrinks with it
+
+    counted = pnp.count_flops_params(backbone, x)
+    assert counted.flops == pytest.approx(conv_macs(backbone, x), rel=0.01)
+    assert pnp.CostModel(groups).full_flops == pytest.approx(counted.flops, rel=1e-6)
+
+    keep = pnp.keep_from_ratio(groups, 0.5, generator=torch.Generator().manual_seed(0))
+    pruned = pnp.apply_surgery(backbone, groups, keep, x, verify=True)
+    assert pruned.bottom_up.stem.conv1.norm.num_features == pruned.bottom_up.stem.conv1.out_channels < 64
+    gated = pnp.GatedModel(backbone, groups)
+    try:
+        with torch.no_grad():
+            expected = gated(x, masks={n: k.float() for n, k in keep.items()})
+            actual = pruned(x)
+    finally:
+        gated.remove()
+    assert expected.keys() == actual.keys()
+    for level in expected:
+        torch.testing.assert_close(actual[level], expected[level], rtol=1e-4, atol=1e-5)
+    assert pnp.count_flops_params(pruned, x).flops == pytest.approx(float(pnp.CostModel(groups).flops(keep)), rel=1e-6)

@@ -11,8 +11,6 @@ bilinear in the channels it keeps on its input and output side.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import statistics
 import time
@@ -374,48 +372,81 @@ class ModelCost:
 
 
 def count_flops_params(model: nn.Module, example_inputs) -> ModelCost:
-    """Count FLOPs per sample (MACs) and parameters with torch-pruning's counter."""
-    import torch_pruning as tp
-    from torch_pruning.utils import op_counter
+    """Count FLOPs per sample (MACs) and parameters with torch-pruning's per-layer counters.
 
-    inputs = example_inputs
-    batch = _batch_size(inputs)
+    A subclass of a counted layer is counted as its nearest counted base class. A
+    Conv/Linear layer that calls child modules in its own forward (a norm, an
+    activation: detectron2's ``Conv2d``) counts its own op, and its children count theirs.
+    """
+    from pnp.core.groups import run_model
+
+    counters = _flops_counters(model)
+    batch = _batch_size(example_inputs)
+    handles = []
     was_training = model.training
     model.eval()
     try:
-        # torch-pruning's counter prints a warning for the argument-less call below
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-            op_counter.CUSTOM_MODULES_MAPPING = {nn.Linear: _linear_flops_hook}
-            flops, params, layer_flops, layer_params = tp.utils.count_ops_and_params(
-                _CallAs(model, inputs), (), layer_wise=True
-            )
+        for module, counter in counters.items():
+            setattr(module, "__flops__", 0)  # torch-pruning's counters add to this attribute
+            handles.append(module.register_forward_hook(counter))
+        with torch.no_grad():
+            run_model(model, example_inputs)
+        counted = {module: int(getattr(module, "__flops__")) for module in counters}
     finally:
-        op_counter.CUSTOM_MODULES_MAPPING = {}
+        for h in handles:
+            h.remove()
+        for module in counters:
+            vars(module).pop("__flops__", None)
         model.train(was_training)
-    leaves = {m: n for n, m in model.named_modules() if not any(True for _ in m.children())}
-    per_layer = {leaves[m]: int(v) // batch for m, v in layer_flops.items() if m in leaves and v}
-    per_layer_params = {leaves[m]: int(v) for m, v in layer_params.items() if m in leaves and v}
-    return ModelCost(int(flops) // batch, int(params), per_layer, per_layer_params)
+    names = {m: n for n, m in model.named_modules()}
+    per_layer = {names[m]: v // batch for m, v in counted.items() if v}
+    per_layer_params = {}
+    for m, name in names.items():
+        own = sum(p.numel() for p in m.parameters(recurse=False))
+        if own and (m in counters or not any(True for _ in m.children())):
+            per_layer_params[name] = own
+    params = sum(p.numel() for p in model.parameters())
+    return ModelCost(sum(counted.values()) // batch, params, per_layer, per_layer_params)
+
+
+def _flops_counters(model: nn.Module) -> dict:
+    """The layers of ``model`` that torch-pruning's counter counts, each with its counter.
+
+    As in torch-pruning, the children of a counted layer are not counted again (an
+    attention layer's counter covers its projections), except under a Conv/Linear
+    layer, whose counter covers only its own op.
+    """
+    counters: dict = {}
+
+    def visit(module: nn.Module) -> None:
+        counter = _flops_counter_of(module)
+        if counter is not None:
+            counters[module] = counter
+            if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return counters
+
+
+def _flops_counter_of(module: nn.Module):
+    """torch-pruning's counter for the class of ``module`` or its nearest counted base class."""
+    from torch_pruning.utils.op_counter import MODULES_MAPPING
+
+    for cls in type(module).__mro__:
+        if cls is nn.Linear:
+            return _linear_flops_hook
+        if cls in MODULES_MAPPING:
+            return MODULES_MAPPING[cls]
+    return None
 
 
 def _linear_flops_hook(module, args, output) -> None:
     """torch-pruning's Linear count, but with the bias added once per output element, not per call."""
     out_elements = output.numel()
     module.__flops__ += int(args[0].numel() * module.out_features + (out_elements if module.bias is not None else 0))
-
-
-class _CallAs(nn.Module):
-    """Lets torch-pruning's counter call a model with dict or tuple inputs."""
-
-    def __init__(self, model, inputs):
-        super().__init__()
-        self.model = model
-        self._inputs = inputs
-
-    def forward(self, _ignored=None):
-        from pnp.core.groups import run_model
-
-        return run_model(self.model, self._inputs)
 
 
 def _batch_size(inputs) -> int:

@@ -79,6 +79,11 @@ class DependencyGraph(tp.DependencyGraph):
     torch-pruning rebuilds every concat/split/reshape index map before each
     ``get_pruning_group``, because pruning in between changes channel counts.
     Inside :meth:`channels_unchanged` nothing is pruned, so the maps are built once.
+
+    A Conv/Linear layer that applies child modules in its own forward (a norm, an
+    activation: detectron2's ``Conv2d``) would be placed at the grad_fn of its
+    final output and hide its norm; such layers are split back into their own op
+    and their children (see :func:`_record_fused_calls`).
     """
 
     _index_maps_current = False
@@ -97,17 +102,97 @@ class DependencyGraph(tp.DependencyGraph):
         # grad_fn -> (name, call index) of parameter-free layers (activations, pooling),
         # which torch-pruning sees only as anonymous element-wise nodes
         self.pnp_layer_calls: dict = {}
+        self._pnp_fused_calls: list = []
         handles = _record_parameter_free_calls(model, self.pnp_layer_calls)
+        handles += _record_fused_calls(model, self._pnp_fused_calls)
         try:
             module2node = super()._trace(model, example_inputs, forward_fn, output_transform)
         finally:
             for h in handles:
                 h.remove()
+            self._pnp_fused_calls = []
         for node in module2node.values():
             if node.type == tp.ops.OPTYPE.RESHAPE and not _feeds_linear(node):
                 node.type = tp.ops.OPTYPE.ELEMENTWISE
                 node.pnp_channel_shuffle = True
         return module2node
+
+    def _trace_computational_graph(self, module2node, output, gradfn2module, reused, visited):
+        self._separate_fused_calls(gradfn2module)
+        return super()._trace_computational_graph(module2node, output, gradfn2module, reused, visited=visited)
+
+    def _separate_fused_calls(self, gradfn2module: dict) -> None:
+        """Map each fused layer to its own op, and its final output back to the child that made it."""
+        traced = tuple(tp.ops.type2class(t) for t in self.REGISTERED_PRUNERS) + tuple(self.CUSTOMIZED_PRUNERS)
+        ignored = self.IGNORED_LAYERS_IN_TRACING
+        for layer, own, output, inner in self._pnp_fused_calls:
+            if layer in ignored:
+                continue
+            gradfn2module[own] = layer
+            if output is not own and gradfn2module.get(output) is layer:
+                child = inner.get(output)
+                if child is not None and isinstance(child, traced) and child not in ignored:
+                    gradfn2module[output] = child  # torch-pruning's hook on the layer overwrote the norm's entry
+                else:
+                    del gradfn2module[output]  # a functional activation: an element-wise node, as elsewhere
+        self._pnp_fused_calls = []
+
+
+def _record_fused_calls(model: nn.Module, record: list) -> list:
+    """Hooks noting each call of a Conv/Linear layer that calls its child modules in its own forward.
+
+    For every such call whose first child received the layer's own op (the op reads
+    the layer's weight), ``record`` gets ``(layer, grad_fn of that op, grad_fn of the
+    layer's output, {grad_fn of a child's output: child})``.
+    """
+    frames: list[list] = []  # [layer, [input grad_fn of its first child], {output grad_fn: child}]
+    handles = []
+    for layer in model.modules():
+        children = list(layer.children())
+        if not isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) or not children:
+            continue
+
+        def enter(mod, args):
+            frames.append([mod, [], {}])
+
+        def leave(mod, args, out):
+            if not frames or frames[-1][0] is not mod:
+                return
+            _, first_input, inner = frames.pop()
+            own = first_input[0] if first_input else None
+            if isinstance(out, torch.Tensor) and own is not None and _reads_weight(own, mod):
+                record.append((mod, own, out.grad_fn, inner))
+
+        def child_enter(mod, args, parent=layer):
+            if frames and frames[-1][0] is parent and not frames[-1][1]:
+                frames[-1][1].append(args[0].grad_fn if args and isinstance(args[0], torch.Tensor) else None)
+
+        def child_leave(mod, args, out, parent=layer):
+            if frames and frames[-1][0] is parent and isinstance(out, torch.Tensor):
+                frames[-1][2][out.grad_fn] = mod
+
+        handles.append(layer.register_forward_pre_hook(enter))
+        handles.append(layer.register_forward_hook(leave))
+        for child in children:
+            handles.append(child.register_forward_pre_hook(child_enter))
+            handles.append(child.register_forward_hook(child_leave))
+    return handles
+
+
+def _reads_weight(grad_fn, layer: nn.Module) -> bool:
+    """True when ``grad_fn`` is an op on ``layer.weight``, read directly or through a transpose or view."""
+    weight = getattr(layer, "weight", None)
+    stack = [(grad_fn, 0)]
+    while stack:
+        fn, depth = stack.pop()
+        for nxt, _ in getattr(fn, "next_functions", ()):
+            if nxt is None:
+                continue
+            if getattr(nxt, "variable", None) is weight:
+                return True
+            if depth < 2 and not hasattr(nxt, "variable"):
+                stack.append((nxt, depth + 1))
+    return False
 
 
 def _record_parameter_free_calls(model: nn.Module, record: dict) -> list:
