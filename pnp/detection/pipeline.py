@@ -1,0 +1,244 @@
+"""The detection pruning pipeline's stages, as ``tools/train_net.py`` runs them.
+
+Each stage reads what the previous one wrote under one output directory:
+``baseline/`` (the trained detector), ``pruner/`` (the pruner's weights and its
+averaged keep scores), ``pruned/`` (the detector after surgery), ``finetuned/``
+(after fine-tuning), ``logs/<stage>/`` (metrics.json, TensorBoard events) and
+``report.json`` with the before/after figures. Every
+detector directory is a :func:`save_pruned_detector` checkpoint (safetensors).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from pnp.core.cost import count_flops_params, measure_latency
+from pnp.detection.checkpoint import load_pruned_detector, save_pruned_detector
+from pnp.detection.compat import import_detectron2
+from pnp.detection.data import compose_fashion_mnist_detection, coco_split_paths, register_coco
+from pnp.detection.engine import DetectionTrainer, evaluate_detector, train_pruner
+from pnp.detection.modeling import detector_config
+from pnp.detection.pruning import decide_backbone_keep, example_image_batch, find_backbone_groups, prune_detector
+from pnp.training.report import _render, format_count, write_json_atomic
+
+STAGES = ("train", "prune-train", "prune", "finetune")
+SCORES_FILE = "keep_scores.json"
+PRUNER_WEIGHTS = "pruner.safetensors"
+REPORT_COLUMNS = (("baseline", "baseline"), ("pruned", "pruned"), ("finetuned", "fine-tuned"))
+
+
+def register_splits(dataset_dir: str | Path, num_images: int | None = None, image_size: int = 128,
+                    root: str | Path | None = None) -> tuple[str, str]:
+    """Register ``dataset_dir``'s COCO train and val splits; with ``num_images`` compose them first.
+
+    Returns the two dataset names. A split whose json is missing raises an error
+    naming the path (compose it with ``num_images``, or point at a COCO set).
+    """
+    dataset_dir = Path(dataset_dir)
+    if num_images is not None:
+        compose_fashion_mnist_detection(dataset_dir, "train", num_images=num_images, image_size=image_size, root=root)
+        compose_fashion_mnist_detection(dataset_dir, "val", num_images=max(1, num_images // 4), image_size=image_size,
+                                        seed=1, root=root)
+    tag = hashlib.sha1(str(dataset_dir.resolve()).encode()).hexdigest()[:8]
+    names = []
+    for split in ("train", "val"):
+        paths = coco_split_paths(dataset_dir, split)
+        names.append(register_coco(f"pnp_det_{tag}_{split}", paths.image_root, paths.json_file))
+    return names[0], names[1]
+
+
+def build_config(train_dataset: str, test_dataset: str, depth: int = 18, image_size: int = 128,
+                 config_file: str | None = None, opts: Sequence[str] = (), output_dir: str | Path = "output"):
+    """pnp's Faster R-CNN recipe (:func:`detector_config`), then ``config_file``, then ``opts`` overrides."""
+    cfg = detector_config(depth=depth, image_size=image_size, train_datasets=[train_dataset], test_datasets=[test_dataset])
+    if config_file:
+        if not Path(config_file).is_file():
+            raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
+        cfg.merge_from_file(str(config_file))
+    cfg.merge_from_list(list(opts))
+    cfg.OUTPUT_DIR = str(output_dir)
+    return cfg
+
+
+def _stage_cfg(cfg, out: Path, stage: str, max_iter: int | None = None, base_lr: float | None = None):
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = str(out / "logs" / stage)  # metrics.json, TensorBoard events, evaluation files
+    if max_iter is not None:
+        cfg.SOLVER.MAX_ITER = int(max_iter)
+    if base_lr is not None:
+        cfg.SOLVER.BASE_LR = float(base_lr)
+    cfg.SOLVER.WARMUP_ITERS = min(int(cfg.SOLVER.WARMUP_ITERS), max(0, int(cfg.SOLVER.MAX_ITER) // 4))
+    cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < cfg.SOLVER.MAX_ITER)
+    Path(cfg.OUTPUT_DIR).mkdir(parents=True, exist_ok=True)
+    return cfg
+
+
+def train_baseline(cfg, out: str | Path) -> Path:
+    """Train the detector ``cfg`` describes; write ``out/baseline``."""
+    out = Path(out)
+    cfg = _stage_cfg(cfg, out, "baseline")
+    trainer = DetectionTrainer(cfg)
+    trainer.train()
+    return save_pruned_detector(trainer.student, cfg, out / "baseline", overwrite=True)
+
+
+def _load_checked(directory: Path, cfg, dataset: str) -> nn.Module:
+    return load_pruned_detector(directory, cfg=cfg, dataset=dataset, map_location=cfg.MODEL.DEVICE)
+
+
+def train_backbone_pruner(cfg, out: str | Path, iterations: int, budget: float | None, lr: float = 1e-3,
+                          sparsity_weight: float = 1.0, calibration_images: int = 64) -> Path:
+    """Train the pruner of ``out/baseline``'s backbone; write its weights and keep scores to ``out/pruner``."""
+    import_detectron2()
+    from detectron2.data import build_detection_test_loader
+
+    from pnp.detection.pruning import backbone_keep_scores
+
+    out = Path(out)
+    cfg = _stage_cfg(cfg, out, "pruner")
+    detector = _load_checked(out / "baseline", cfg, cfg.DATASETS.TRAIN[0])
+    groups = find_backbone_groups(detector, cfg.INPUT.MIN_SIZE_TEST)
+    loss = {"sparsity_weight": sparsity_weight, "budget": budget}
+    pruner = train_pruner(cfg, detector, groups, iterations, lr=lr, loss=loss, output_dir=cfg.OUTPUT_DIR)
+    (out / "pruner").mkdir(parents=True, exist_ok=True)
+    loader = build_detection_test_loader(cfg, cfg.DATASETS.TRAIN[0])
+    scores = backbone_keep_scores(detector, pruner, groups, loader, max_batches=calibration_images)
+    save_file({k: v.detach().cpu().contiguous() for k, v in pruner.state_dict().items()}, str(out / "pruner" / PRUNER_WEIGHTS))
+    return write_json_atomic(out / "pruner" / SCORES_FILE, {name: s.tolist() for name, s in scores.items()})
+
+
+def prune_baseline(cfg, out: str | Path, budget: float | None) -> Path:
+    """Read out ``out/pruner``'s keep scores at ``budget`` (fraction of backbone FLOPs), cut ``out/baseline``."""
+    out = Path(out)
+    cfg = _stage_cfg(cfg, out, "pruned")
+    scores_path = out / "pruner" / SCORES_FILE
+    if not scores_path.is_file():
+        raise FileNotFoundError(f"{scores_path} does not exist; run --stage prune-train first")
+    scores = {name: torch.tensor(values) for name, values in json.loads(scores_path.read_text()).items()}
+    detector = _load_checked(out / "baseline", cfg, cfg.DATASETS.TRAIN[0])
+    groups = find_backbone_groups(detector, cfg.INPUT.MIN_SIZE_TEST)
+    keep, info = decide_backbone_keep(groups, scores, budget=budget)
+    pruned = prune_detector(detector, groups, keep)
+    return save_pruned_detector(pruned, cfg, out / "pruned", metadata={"readout": _plain(info)}, overwrite=True)
+
+
+def finetune_pruned(cfg, out: str | Path, kd_fpn: float = 0.0, kd_cls: float = 0.0, max_iter: int | None = None,
+                    base_lr: float | None = None) -> Path:
+    """Fine-tune ``out/pruned`` in detectron2's trainer, distilled from ``out/baseline`` when asked."""
+    out = Path(out)
+    cfg = _stage_cfg(cfg, out, "finetuned", max_iter, base_lr)
+    student = _load_checked(out / "pruned", cfg, cfg.DATASETS.TRAIN[0])
+    teacher = _load_checked(out / "baseline", cfg, cfg.DATASETS.TRAIN[0]) if kd_fpn > 0 or kd_cls > 0 else None
+    trainer = DetectionTrainer(cfg, model=student, teacher=teacher, kd_fpn=kd_fpn, kd_cls=kd_cls)
+    trainer.train()
+    return save_pruned_detector(trainer.student, cfg, out / "finetuned", overwrite=True)
+
+
+class DetectorOnImages(nn.Module):
+    """A detector called on an image tensor batch, for latency measurement."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor):
+        return self.detector([{"image": image} for image in images])
+
+
+def detector_summary(model: nn.Module, cfg, dataset: str, repeats: int = 5) -> dict:
+    """AP figures, backbone and whole-detector FLOPs (on the dataset's first image) and params, CPU latency."""
+    import_detectron2()
+    from detectron2.data import build_detection_test_loader
+
+    model = model.to("cpu").eval()
+    ap = evaluate_detector(model, cfg, dataset)
+    first = next(iter(build_detection_test_loader(cfg, dataset)))
+    x = model.preprocess_image(first).tensor
+    backbone = count_flops_params(model.backbone, x)
+    total = count_flops_params(model, (first,))
+    shape = tuple(first[0]["image"].shape)
+    latency = {
+        "backbone_ms": measure_latency(model.backbone, tuple(x.shape[1:]), threads=(1,), repeats=repeats)[0].median_ms,
+        "detector_ms": measure_latency(DetectorOnImages(model), shape, threads=(1,), repeats=repeats)[0].median_ms,
+    }
+    return {
+        "AP": ap.get("AP"), "AP50": ap.get("AP50"), "AP75": ap.get("AP75"),
+        "backbone_flops": backbone.flops, "backbone_params": backbone.params,
+        "flops": total.flops, "params": total.params, "input_shape": list(shape),
+        "latency": {k: round(v, 3) for k, v in latency.items()},
+    }
+
+
+def write_report(cfg, out: str | Path, durations: dict | None = None, repeats: int = 5) -> dict:
+    """Summarise every detector under ``out`` into ``out/report.json``; return the report."""
+    out = Path(out)
+    dataset = cfg.DATASETS.TEST[0]
+    report: dict = {"dataset": dataset, "durations_s": dict(durations or {})}
+    for key, _ in REPORT_COLUMNS:
+        if (out / key / "channels.json").is_file():
+            model = load_pruned_detector(out / key, cfg=cfg, dataset=dataset)
+            report[key] = detector_summary(model, cfg, dataset, repeats=repeats)
+            if key == "pruned":
+                report[key]["readout"] = model.pnp_metadata.get("readout")
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def format_detection_table(report: dict) -> str:
+    """Before/after table: AP, AP50, AP75, backbone and total FLOPs, params, latency per stage."""
+    present = [(k, t) for k, t in REPORT_COLUMNS if isinstance(report.get(k), dict)]
+    if not present:
+        raise ValueError("report has none of 'baseline', 'pruned', 'finetuned'; nothing to tabulate")
+    rows = [["", *(t for _, t in present)]]
+    for label, key in (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75")):
+        rows.append([label] + [_number(report[k].get(key)) for k, _ in present])
+    for label, key in (("backbone FLOPs", "backbone_flops"), ("total FLOPs", "flops"),
+                       ("backbone params", "backbone_params"), ("params", "params")):
+        rows.append([label] + [format_count(report[k].get(key)) for k, _ in present])
+    for label, key in (("backbone latency ms (1 thread)", "backbone_ms"), ("detector latency ms (1 thread)", "detector_ms")):
+        rows.append([label] + [_number(report[k]["latency"].get(key)) for k, _ in present])
+    return _render(rows)
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{float(value):.2f}"
+
+
+def _plain(info: dict) -> dict:
+    return {k: v for k, v in info.items() if isinstance(v, (int, float, str, dict))}
+
+
+def run_stages(stages: Sequence[str], cfg, out: str | Path, budget: float | None = 0.5, pruner_iters: int = 100,
+               pruner_lr: float = 1e-3, sparsity_weight: float = 1.0, kd_fpn: float = 0.0, kd_cls: float = 0.0,
+               finetune_iters: int | None = None, finetune_lr: float | None = None, report: bool = True) -> dict | None:
+    """Run ``stages`` in order (a subset of :data:`STAGES`), then write and print the report."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; use {list(STAGES)} or 'all'")
+    out = Path(out)
+    durations = {}
+    for stage in stages:
+        start = time.perf_counter()
+        if stage == "train":
+            train_baseline(cfg, out)
+        elif stage == "prune-train":
+            train_backbone_pruner(cfg, out, pruner_iters, budget, lr=pruner_lr, sparsity_weight=sparsity_weight)
+        elif stage == "prune":
+            prune_baseline(cfg, out, budget)
+        else:
+            finetune_pruned(cfg, out, kd_fpn, kd_cls, finetune_iters, finetune_lr)
+        durations[stage] = round(time.perf_counter() - start, 2)
+    if not report:
+        return None
+    result = write_report(cfg, out, durations)
+    print(format_detection_table(result))
+    return result
