@@ -241,3 +241,192 @@ def test_r18_fpn_backbone_prunes_its_norms_and_counts_its_convolutions(randomize
     for level in expected:
         torch.testing.assert_close(actual[level], expected[level], rtol=1e-4, atol=1e-5)
     assert pnp.count_flops_params(pruned, x).flops == pytest.approx(float(pnp.CostModel(groups).flops(keep)), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- pruning the detector's backbone
+
+from pnp.detection.checkpoint import DetectorCheckpointError, load_pruned_detector, save_pruned_detector  # noqa: E402
+from pnp.detection.engine import DetectionTrainer, evaluate_detector, train_pruner  # noqa: E402
+from pnp.detection.pipeline import register_splits  # noqa: E402
+from pnp.detection.pruning import (  # noqa: E402
+    backbone_keep_scores,
+    decide_backbone_keep,
+    example_image_batch,
+    find_backbone_groups,
+    prune_detector,
+)
+
+
+@pytest.fixture(scope="module")
+def det_datasets(train_split, fashion_root):
+    val = compose_fashion_mnist_detection(train_split.json_file.parents[1], "val", num_images=3, seed=5, image_size=96,
+                                          root=fashion_root)
+    return (register_coco("pnp_test_prune_train", train_split.image_root, train_split.json_file),
+            register_coco("pnp_test_prune_val", val.image_root, val.json_file))
+
+
+def small_cfg(datasets, depth=18, **solver):
+    cfg = detector_config(depth=depth, image_size=64, fpn_channels=32, train_datasets=[datasets[0]],
+                          test_datasets=[datasets[1]])
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SOLVER.WARMUP_ITERS = 0
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # an untrained detector still predicts boxes to evaluate
+    for key, value in solver.items():
+        setattr(cfg.SOLVER, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def pruned_setup(det_datasets, randomize_norms):
+    """An R18-FPN detector (random BN statistics), its groups, keep decisions and the pruned copy."""
+    torch.manual_seed(0)
+    cfg = small_cfg(det_datasets)
+    detector = build_detector(cfg)
+    randomize_norms(detector.backbone)
+    detector.eval()
+    groups = find_backbone_groups(detector, 64)
+    keep = pnp.keep_from_ratio(groups, 0.6, generator=torch.Generator().manual_seed(0))
+    return cfg, detector, groups, keep, prune_detector(detector, groups, keep).eval()
+
+
+def test_pruner_trains_on_detection_losses_and_reads_out_within_budget(det_datasets):
+    torch.manual_seed(0)
+    cfg = small_cfg(det_datasets)
+    detector = build_detector(cfg).eval()
+    groups = find_backbone_groups(detector, 64)
+    assert {"bottom_up.res2.0.conv1", "bottom_up.res3.0.shortcut", "fpn_lateral2"} <= set(groups.names)
+    assert all("fpn_output" in name for name in groups.excluded)  # the heads' inputs keep their width
+    detector_before = {k: v.clone() for k, v in detector.state_dict().items()}
+    from pnp.detection.pruning import build_detection_pruner
+
+    torch.manual_seed(1)
+    head_before = build_detection_pruner(detector, groups).head.linear.weight.detach().clone()
+    torch.manual_seed(1)
+    pruner = train_pruner(cfg, detector, groups, iterations=2, lr=1e-2, loss={"budget": 0.5})
+    assert not torch.allclose(pruner.head.linear.weight, head_before)  # the pruner learned
+    assert all(torch.equal(v, detector.state_dict()[k]) for k, v in detector_before.items())  # the detector did not
+    assert not any(m._forward_pre_hooks for m in detector.backbone.modules())  # gates taken off
+
+    from detectron2.data import build_detection_test_loader
+
+    scores = backbone_keep_scores(detector, pruner, groups, build_detection_test_loader(cfg, det_datasets[0]), 4)
+    keep, info = decide_backbone_keep(groups, scores, budget=0.5)
+    assert info["flops_fraction"] <= 0.5 and float(pnp.CostModel(groups).flops_fraction(keep)) <= 0.5
+    assert info["flops_fraction"] > 0.4  # keeps as much as the budget allows
+
+
+def test_surgery_gives_a_detector_whose_shapes_match_its_layers(pruned_setup):
+    cfg, detector, groups, keep, pruned = pruned_setup
+    x = example_image_batch(detector, 64)
+    with torch.no_grad():
+        bottom = pruned.backbone.bottom_up(x)
+        features = pruned.backbone(x)
+        original = detector.backbone(x)
+    declared = pruned.backbone.bottom_up.output_shape()
+    assert {k: v.shape[1] for k, v in bottom.items()} == {k: declared[k].channels for k in bottom}
+    assert bottom["res3"].shape[1] < 128  # stage channels (shared with the FPN lateral) were cut
+    fpn = pruned.backbone.output_shape()
+    assert {k: (v.shape[1], v.shape[2] * fpn[k].stride) for k, v in features.items()} == {k: (32, 64) for k in original}
+    assert {k: v.channels for k, v in fpn.items()} == {k: v.shape[1] for k, v in original.items()}  # heads unchanged
+    assert pnp.count_flops_params(pruned.backbone, x).flops < 0.8 * pnp.count_flops_params(detector.backbone, x).flops
+    assert pruned.roi_heads.box_head.fc1.weight.shape == detector.roi_heads.box_head.fc1.weight.shape
+    assert detector.backbone.bottom_up.res3[0].conv1.out_channels == 128  # the original is untouched
+    with torch.no_grad():
+        (out,) = pruned([{"image": torch.rand(3, 64, 80) * 255, "height": 32, "width": 40}])
+    assert out["instances"].image_size == (32, 40) and len(out["instances"]) > 0
+
+
+def test_pruned_detector_reloads_with_identical_outputs(pruned_setup, tmp_path):
+    cfg, _, _, _, pruned = pruned_setup
+    directory = save_pruned_detector(pruned, cfg, tmp_path / "pruned")
+    assert sorted(p.name for p in directory.iterdir()) == ["channels.json", "config.yaml", "model.safetensors"]
+    loaded = load_pruned_detector(directory, cfg=cfg, dataset=cfg.DATASETS.TRAIN[0])
+    assert loaded.backbone.pnp_channel_spec.modules == pruned.backbone.pnp_channel_spec.modules
+    assert loaded.backbone.bottom_up.output_shape() == pruned.backbone.bottom_up.output_shape()
+    image = [{"image": torch.rand(3, 64, 64) * 255}]
+    with torch.no_grad():
+        expected, actual = pruned(image)[0]["instances"], loaded(image)[0]["instances"]
+    assert torch.equal(expected.pred_boxes.tensor, actual.pred_boxes.tensor)
+    assert torch.equal(expected.scores, actual.scores) and torch.equal(expected.pred_classes, actual.pred_classes)
+
+
+def test_finetuning_with_distillation_adds_finite_kd_losses(pruned_setup, tmp_path):
+    cfg, detector, _, _, pruned = pruned_setup
+    cfg = cfg.clone()
+    cfg.SOLVER.MAX_ITER = 2
+    cfg.DATASETS.TEST = ()  # evaluation has its own test
+    cfg.OUTPUT_DIR = str(tmp_path)
+    import copy
+
+    student = copy.deepcopy(pruned)
+    teacher_before = {k: v.clone() for k, v in detector.state_dict().items()}
+    trainer = DetectionTrainer(cfg, model=student, teacher=detector, kd_fpn=1.0, kd_cls=1.0)
+    trainer.train()
+    history = trainer.storage.histories()
+    for key in ("loss_kd_fpn", "loss_kd_cls", "loss_cls", "total_loss"):
+        values = [v for v, _ in history[key].values()]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), key
+    assert trainer.student is student and not torch.equal(
+        student.backbone.bottom_up.stem.conv1.weight, pruned.backbone.bottom_up.stem.conv1.weight)
+    assert list(tmp_path.glob("events.out.tfevents.*")) and not list(tmp_path.glob("*.pth"))  # TensorBoard, no pickles
+    assert all(torch.equal(v, detector.state_dict()[k]) for k, v in teacher_before.items())  # teacher frozen
+
+
+def test_coco_evaluator_gives_box_ap(pruned_setup):
+    cfg, _, _, _, pruned = pruned_setup
+    results = evaluate_detector(pruned, cfg, cfg.DATASETS.TEST[0])
+    assert {"AP", "AP50", "AP75"} <= set(results)
+    assert all(math.isfinite(results[k]) and 0 <= results[k] <= 100 for k in ("AP", "AP50", "AP75"))
+
+
+def test_missing_dataset_json_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="instances_train.json"):
+        register_splits(tmp_path / "no-dataset")
+
+
+def test_checkpoint_with_other_categories_is_refused(pruned_setup, tmp_path, train_split):
+    cfg, _, _, _, pruned = pruned_setup
+    directory = save_pruned_detector(pruned, cfg, tmp_path / "pruned")
+    coco = load(train_split.json_file)
+    coco["categories"] = coco["categories"][:3]
+    coco["annotations"] = [a for a in coco["annotations"] if a["category_id"] <= 3]
+    other = tmp_path / "three.json"
+    other.write_text(json.dumps(coco))
+    name = register_coco("pnp_test_three_classes", train_split.image_root, other)
+    with pytest.raises(DetectorCheckpointError, match="3 categories.*NUM_CLASSES=10"):
+        load_pruned_detector(directory, dataset=name)
+    renamed = dict(coco, categories=[dict(c, name=f"x{c['id']}") for c in load(train_split.json_file)["categories"]])
+    (tmp_path / "renamed.json").write_text(json.dumps(renamed))
+    name = register_coco("pnp_test_renamed_classes", train_split.image_root, tmp_path / "renamed.json")
+    with pytest.raises(DetectorCheckpointError, match="thing_classes differ"):
+        load_pruned_detector(directory, dataset=name)
+
+
+def test_checkpoint_from_another_backbone_is_refused(pruned_setup, tmp_path):
+    cfg, _, _, _, pruned = pruned_setup
+    directory = save_pruned_detector(pruned, cfg, tmp_path / "pruned")
+    r50 = cfg.clone()
+    r50.MODEL.RESNETS.DEPTH = 50
+    with pytest.raises(DetectorCheckpointError, match="MODEL.RESNETS.DEPTH=18.*MODEL.RESNETS.DEPTH=50"):
+        load_pruned_detector(directory, cfg=r50)
+
+
+def test_train_net_runs_every_stage_and_reports(tmp_path, fashion_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_net", Path(__file__).parents[1] / "tools" / "train_net.py")
+    train_net = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_net)
+    out = tmp_path / "run"
+    train_net.main([
+        "--dataset-dir", str(tmp_path / "data"), "--num-images", "6", "--fashion-root", str(fashion_root),
+        "--output-dir", str(out), "--image-size", "64", "--pruner-iters", "2", "--budget", "0.5", "--kd-fpn", "1",
+        "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0", "MODEL.FPN.OUT_CHANNELS", "32",
+    ])
+    report = load(out / "report.json")
+    assert {"baseline", "pruned", "finetuned"} <= set(report)
+    for stage in ("baseline", "pruned", "finetuned"):
+        assert {"AP", "AP50", "AP75", "backbone_flops", "flops", "params", "latency"} <= set(report[stage])
+    assert report["pruned"]["backbone_flops"] <= 0.5 * report["baseline"]["backbone_flops"]
+    assert report["finetuned"]["params"] == report["pruned"]["params"] < report["baseline"]["params"]
+    assert list(out.glob("logs/finetuned/events.out.tfevents.*"))  # TensorBoard

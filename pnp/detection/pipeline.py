@@ -26,7 +26,7 @@ from pnp.detection.compat import import_detectron2
 from pnp.detection.data import compose_fashion_mnist_detection, coco_split_paths, register_coco
 from pnp.detection.engine import DetectionTrainer, evaluate_detector, train_pruner
 from pnp.detection.modeling import detector_config
-from pnp.detection.pruning import decide_backbone_keep, example_image_batch, find_backbone_groups, prune_detector
+from pnp.detection.pruning import decide_backbone_keep, find_backbone_groups, prune_detector
 from pnp.training.report import _render, format_count, write_json_atomic
 
 STAGES = ("train", "prune-train", "prune", "finetune")
@@ -171,7 +171,7 @@ def detector_summary(model: nn.Module, cfg, dataset: str, repeats: int = 5) -> d
         "detector_ms": measure_latency(DetectorOnImages(model), shape, threads=(1,), repeats=repeats)[0].median_ms,
     }
     return {
-        "AP": ap.get("AP"), "AP50": ap.get("AP50"), "AP75": ap.get("AP75"),
+        **{k: _finite(ap.get(k)) for k in ("AP", "AP50", "AP75")},
         "backbone_flops": backbone.flops, "backbone_params": backbone.params,
         "flops": total.flops, "params": total.params, "input_shape": list(shape),
         "latency": {k: round(v, 3) for k, v in latency.items()},
@@ -207,6 +207,11 @@ def format_detection_table(report: dict) -> str:
     for label, key in (("backbone latency ms (1 thread)", "backbone_ms"), ("detector latency ms (1 thread)", "detector_ms")):
         rows.append([label] + [_number(report[k]["latency"].get(key)) for k, _ in present])
     return _render(rows)
+
+
+def _finite(value) -> float | None:
+    """COCOEvaluator's NaN (no predictions, or no objects of a size) as JSON's null."""
+    return None if value is None or value != value else float(value)
 
 
 def _number(value) -> str:
