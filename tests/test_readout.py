@@ -88,3 +88,22 @@ def test_keep_scores_average_over_batches(resnet):
     acc.reset()
     with pytest.raises(RuntimeError, match="empty"):
         acc.compute()
+
+
+@pytest.mark.parametrize("value", [1.0, 0.0])
+def test_budget_splits_saturated_scores(resnet, value):
+    """A pruner that is sure of every channel (all scores equal) still gets the budget, not the floor."""
+    _, groups, _ = resnet
+    scores = {g.name: torch.full((g.size,), value) for g in groups}
+    keep, info = pnp.decide_keep(groups, scores, budget=0.5)
+    assert 0.45 < info["flops_fraction"] <= 0.5
+
+
+def test_tie_breaking_keeps_the_order_of_distinct_scores(resnet):
+    _, groups, _ = resnet
+    scores = random_scores(groups, 2)
+    keep, info = pnp.decide_keep(groups, scores, budget=0.4)
+    for g in groups:  # within a group, every kept channel outscores every dropped one
+        kept, dropped = scores[g.name][keep[g.name]], scores[g.name][~keep[g.name]]
+        if len(kept) and len(dropped):
+            assert kept.min() >= dropped.max()

@@ -78,6 +78,20 @@ def _decide_at(groups, scores, threshold: float, min_channels: int, round_to: in
     return keep
 
 
+def _ties_broken(groups: ChannelGroups, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``scores`` in float64 with exact ties split, earlier channels (network order) first.
+
+    Each channel gets an offset below half the smallest gap between distinct
+    scores, so distinct scores keep their order and equal ones become distinct.
+    """
+    flat = torch.cat([scores[g.name].double() for g in groups])
+    distinct = torch.unique(flat)
+    gap = float((distinct[1:] - distinct[:-1]).min()) if len(distinct) > 1 else 1.0
+    n = len(flat)
+    flat = flat + torch.arange(n, 0, -1, dtype=torch.float64) * (0.5 * gap / (n + 1))
+    return dict(zip((g.name for g in groups), flat.split([g.size for g in groups])))
+
+
 def decide_keep(
     groups: ChannelGroups,
     scores: Mapping[str, torch.Tensor],
@@ -86,7 +100,7 @@ def decide_keep(
     round_to: int = 1,
     budget: float | None = None,
     metric: str = "flops",
-    iterations: int = 40,
+    iterations: int = 64,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Static keep decisions from per-channel keep scores (probabilities in [0, 1]).
 
@@ -120,7 +134,10 @@ def decide_keep(
     if budget is None:
         keep, adjusted = decide(threshold)
     else:
-        lo, hi = -1e-6, 1.0 + 1e-6  # threshold lo keeps everything; hi keeps the floor
+        scores = _ties_broken(groups, scores)  # saturated scores (all 1s) must still split at the budget
+        low = min(float(v.min()) for v in scores.values())
+        high = max(float(v.max()) for v in scores.values())
+        lo, hi = low - 1e-6, high + 1e-6  # threshold lo keeps everything; hi keeps the floor
         keep_hi, adjusted_hi = decide(hi)
         floor = float(fraction(keep_hi))
         if floor > budget + 1e-9:
