@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -430,3 +431,36 @@ def test_train_net_runs_every_stage_and_reports(tmp_path, fashion_root):
     assert report["pruned"]["backbone_flops"] <= 0.5 * report["baseline"]["backbone_flops"]
     assert report["finetuned"]["params"] == report["pruned"]["params"] < report["baseline"]["params"]
     assert list(out.glob("logs/finetuned/events.out.tfevents.*"))  # TensorBoard
+
+
+def test_detection_benchmark_compares_distillation_and_reuses_its_stages(tmp_path, fashion_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_detection", Path(__file__).parents[1] / "benchmarks" / "bench_detection.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(bench)
+    out = tmp_path / "out"
+    argv = ["--profile", "smoke", "--out", str(out), "--fashion-root", str(fashion_root),
+            "--set", "num_images=6", "--set", "budget=0.5"]
+    results = bench.main(argv)
+
+    assert [r["variant"] for r in results["records"]] == ["no_kd", "kd"]
+    for r in results["records"]:
+        assert r["model"] == "faster_rcnn_R18_FPN" and r["budget"] >= 0.5
+        assert r["finetuned"]["params"] == r["pruned"]["params"] < r["baseline"]["params"]
+        assert {"AP", "AP50", "AP75", "backbone_flops", "latency_ms"} <= set(r["finetuned"])
+        assert {"train", "prune-train", "prune", f"finetune-{r['variant']}"} == set(r["wall_s"])
+    assert results["environment"]["torch"] == torch.__version__
+    table = (out / "table.md").read_text()
+    assert "pruned, no_kd" in table and "pruned, kd" in table and "pruned, before fine-tuning" in table
+
+    # a second run finds every detector on disk and trains nothing
+    tuned = [out / "r18" / v / "finetuned" / "channels.json" for v in ("no_kd", "kd")]
+    stamps = [p.stat().st_mtime_ns for p in tuned]
+    assert bench.main(argv)["records"] == results["records"]
+    assert [p.stat().st_mtime_ns for p in tuned] == stamps
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main([*argv, "--set", "finetune_iters=3"])
+    with pytest.raises(SystemExit, match="finetune_iter"):
+        bench.main([*argv[:4], "--set", "finetune_iter=3"])

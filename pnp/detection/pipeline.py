@@ -27,7 +27,7 @@ from pnp.detection.data import compose_fashion_mnist_detection, coco_split_paths
 from pnp.detection.engine import DetectionTrainer, evaluate_detector, train_pruner
 from pnp.detection.modeling import detector_config
 from pnp.detection.pruning import decide_backbone_keep, find_backbone_groups, prune_detector
-from pnp.training.report import _render, format_count, write_json_atomic
+from pnp.training.report import format_count, render_table, write_json_atomic
 
 STAGES = ("train", "prune-train", "prune", "finetune")
 SCORES_FILE = "keep_scores.json"
@@ -206,7 +206,7 @@ def format_detection_table(report: dict) -> str:
         rows.append([label] + [format_count(report[k].get(key)) for k, _ in present])
     for label, key in (("backbone latency ms (1 thread)", "backbone_ms"), ("detector latency ms (1 thread)", "detector_ms")):
         rows.append([label] + [_number(report[k]["latency"].get(key)) for k, _ in present])
-    return _render(rows)
+    return render_table(rows)
 
 
 def _finite(value) -> float | None:

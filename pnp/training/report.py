@@ -180,7 +180,7 @@ def format_before_after_table(report: Mapping[str, Any]) -> str:
         rows.append([f"latency ms, batch {batch} ({n_threads} {thread_word})"] + cells + [speedup])
 
     header = ["", *(title for _, title in STAGES), "change"]
-    text = _render([header, *rows])
+    text = render_table([header, *rows])
     durations = report.get("durations_s") or {}
     if durations:
         total = sum(float(v) for v in durations.values())
@@ -189,11 +189,12 @@ def format_before_after_table(report: Mapping[str, Any]) -> str:
             share = f"{100.0 * float(seconds) / total:.1f}%" if total > 0 else "-"
             lines.append([str(name), f"{float(seconds):.1f}", share])
         lines.append(["total", f"{total:.1f}", "100.0%" if total > 0 else "-"])
-        text += "\n\n" + _render(lines)
+        text += "\n\n" + render_table(lines)
     return text
 
 
-def _render(rows: list[list[str]]) -> str:
+def render_table(rows: list[list[str]]) -> str:
+    """Rows of cells as an aligned text table: first column left, the rest right, a rule under the header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for n, row in enumerate(rows):
