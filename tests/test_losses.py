@@ -39,6 +39,23 @@ def test_flops_sparsity_equals_flops_fraction_of_the_masks(groups):
     assert terms["sparsity"].item() < 0.6
 
 
+def test_params_sparsity_weighs_on_the_wide_cheap_layer(groups):
+    cost = pnp.CostModel(groups)
+    full = {g.name: torch.ones(g.size, requires_grad=True) for g in groups}
+    y = torch.zeros(2, dtype=torch.long)
+    gradients = {}
+    for kind in ("flops", "params"):
+        terms = pnp.PrunerLoss(groups, sparsity=kind)(torch.randn(2, 4), y, full)
+        expected = cost.flops_fraction(full) if kind == "flops" else cost.params_fraction(full)
+        assert terms["sparsity"].item() == pytest.approx(float(expected), rel=1e-5)
+        gradients[kind] = dict(zip(full, torch.autograd.grad(terms["sparsity"], list(full.values()))))
+    # the second conv's channels feed the 8 x 4 x 4 inputs of the linear layer: under a
+    # params count they weigh more, against the first conv's, than under a FLOPs count
+    first, second = [g.name for g in groups]
+    ratio = {k: float(g[second].mean() / g[first].mean()) for k, g in gradients.items()}
+    assert ratio["params"] > 1.2 * ratio["flops"]
+
+
 def test_budget_term_pulls_towards_the_budget_from_both_sides(groups):
     cost = pnp.CostModel(groups)
     full = {g.name: torch.ones(g.size) for g in groups}

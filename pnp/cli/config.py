@@ -27,7 +27,7 @@ PRECISIONS = (
 )
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "constant")
-SPARSITY = ("flops", "channels")
+SPARSITY = ("flops", "params", "channels")
 METRICS = ("flops", "params")
 MASK_MODES = ("sample", "batch")
 

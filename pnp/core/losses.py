@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pnp.core.cost import CostModel
 from pnp.core.groups import ChannelGroups
 
-SPARSITY_KINDS = ("flops", "channels")
+SPARSITY_KINDS = ("flops", "params", "channels")
 BUDGET_METRICS = ("flops", "params")
 
 
@@ -58,8 +58,10 @@ class PrunerLoss:
     """Task loss through the gated target, plus sparsity, budget and distillation terms.
 
     ``sparsity="flops"`` penalises the fraction of FLOPs kept (each channel weighted
-    by what it costs, which depends on its neighbours' decisions); ``"channels"``
-    penalises the fraction of channels kept. ``budget`` is the fraction of FLOPs
+    by what it costs, which depends on its neighbours' decisions); ``"params"`` the
+    fraction of parameters kept, which weighs on wide, cheap layers (fully connected
+    ones) that a FLOPs budget leaves almost free; ``"channels"`` the fraction of
+    channels kept. ``budget`` is the fraction of FLOPs
     (or params, ``budget_metric``) to keep: ``budget_weight * |kept / budget - 1|``
     pulls the pruner to the budget from both sides, so that it spends what it may
     keep on the channels that matter instead of pruning on past it (the read-out
@@ -110,7 +112,7 @@ class PrunerLoss:
         flops_kept = self.cost.flops_fraction(masks).mean()
         params_kept = self.cost.params_fraction(masks).mean()
         channels_kept = channel_fraction(masks, self.groups).mean()
-        sparsity = flops_kept if self.sparsity == "flops" else channels_kept
+        sparsity = {"flops": flops_kept, "params": params_kept, "channels": channels_kept}[self.sparsity]
         budget = task.new_zeros(())
         if self.budget is not None:
             kept = flops_kept if self.budget_metric == "flops" else params_kept
