@@ -303,3 +303,19 @@ def test_groups_come_in_network_order():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU(), nn.Conv2d(6, 5, 3)).eval()
     groups = find_channel_groups(model, X)
     assert groups.names == ["0", "2"]
+
+
+def test_groups_through_a_norm_across_channels_are_left_out_with_reason():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(),  # statistics across 4 channels each
+        nn.Conv2d(8, 8, 3), nn.GroupNorm(8, 8), nn.ReLU(),  # one channel per group: per-channel norm
+        nn.Conv2d(8, 8, 1), nn.Flatten(), nn.LazyLinear(16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 2),
+    )
+    model(X)
+    model.eval()
+    groups = find_channel_groups(model, X)
+    assert "GroupNorm with 2 group(s) of 8 channels '1'" in groups.excluded["0"]
+    assert "LayerNorm '9'" in groups.excluded["8"]
+    assert "gating cannot stand in for removal" in groups.excluded["8"]
+    assert {"3", "6"} <= set(groups.names)

@@ -317,6 +317,24 @@ def _through_channel_shuffle(group) -> str | None:
     return None
 
 
+def _normalises_across_channels(module: nn.Module, name: str) -> str | None:
+    """Why a norm layer makes gating differ from removal, or None.
+
+    A LayerNorm, or a GroupNorm with fewer groups than channels, computes its
+    statistics across the group's channels: a gated (zeroed) channel still counts
+    in them and a removed one does not, so the gated target the pruner trains
+    against would not be the model surgery makes.
+    """
+    if isinstance(module, nn.LayerNorm):
+        kind = "LayerNorm"
+    elif isinstance(module, nn.GroupNorm) and module.num_groups != module.num_channels:
+        kind = f"GroupNorm with {module.num_groups} group(s) of {module.num_channels} channels"
+    else:
+        return None
+    return (f"it passes through {kind} {name!r}, which normalises across channels: "
+            "removing some changes the others, so gating cannot stand in for removal")
+
+
 def _channel_shuffle_reason(node) -> str:
     grad_fn = node.grad_fn
     return f"its channels pass through a channel shuffle ({grad_fn.name() if grad_fn else 'reshape'}), which torch-pruning cannot follow"
@@ -408,6 +426,7 @@ def find_channel_groups(
             side = IN if _is_consumer(graph, module, dep.handler) else OUT
             if side == OUT and module in ignored and reason is None:
                 reason = f"it contains the ignored layer {names[module]!r}"
+            reason = reason or _normalises_across_channels(module, names[module])
             indices = torch.as_tensor(idxs, dtype=torch.long)
             root_indices = torch.as_tensor(item.root_idxs, dtype=torch.long)
             groups_attr = getattr(module, "groups", 1) if isinstance(module, nn.modules.conv._ConvNd) else 1
