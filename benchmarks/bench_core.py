@@ -141,7 +141,8 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     results = [bench_model(name, args) for name in args.models]
     report = {
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        # where the file goes is not a setting (and would name a folder of this machine)
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
         "input_shape": list(INPUT_SHAPE),
         "environment": {
             "torch": torch.__version__,
@@ -155,7 +156,9 @@ def main(argv=None) -> dict:
     }
     print_table(results, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    partial = args.out.with_name(args.out.name + ".tmp")
+    partial.write_text(json.dumps(report, indent=2))
+    partial.replace(args.out)  # a reader never sees half a file
     print(f"wrote {args.out}")
     return report
 
