@@ -4,8 +4,10 @@ On the composed Fashion-MNIST detection set (pnp.detection.data): train the
 baseline detector, train the pruner of its backbone with the detector's losses,
 cut the backbone to the FLOPs budget in one shot, then fine-tune the pruned
 detector once per variant (no distillation; FPN feature imitation plus RoI
-class-logit distillation) with the same schedule. Every detector is evaluated
-with detectron2's COCOEvaluator on the val split.
+class-logit distillation) with the same schedule, and train the unpruned baseline
+on by that schedule too (the control: it has had as many iterations as the pruned
+detectors). Every detector is evaluated with detectron2's COCOEvaluator on the
+val split.
 
     python benchmarks/bench_detection.py --profile quick        # CPU, about an hour on 2 cores
     python benchmarks/bench_detection.py --profile full --device cuda
@@ -32,8 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import environment  # noqa: E402  (this folder: the machine and commit of a result)
 
+from pnp.detection.checkpoint import load_pruned_detector  # noqa: E402
 from pnp.detection.pipeline import (  # noqa: E402
-    build_config, finetune_pruned, format_detection_table, prune_baseline, register_splits, train_backbone_pruner,
+    build_config, detector_summary, finetune_pruned, format_detection_table, prune_baseline, register_splits, train_backbone_pruner,
     train_baseline, write_report,
 )
 from pnp.training.report import write_json_atomic  # noqa: E402
@@ -68,6 +71,7 @@ PROFILES = {
                      finetune_iters=2, latency_repeats=1),
 }
 VARIANTS = ("no_kd", "kd")
+CONTROL = "baseline_continued"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,6 +139,20 @@ def run_depth(profile: Profile, depth: int, datasets: tuple[str, str], out: Path
     _timed(out / "pruned" / "channels.json", lambda: prune_baseline(cfg, out, profile.budget), durations, "prune")
     write_json_atomic(times_path, durations)
 
+    # the control: the unpruned baseline trained on by the same schedule, so that the
+    # pruned detectors' extra iterations are not mistaken for a gain from pruning
+    test = cfg.DATASETS.TEST[0]
+    _timed(out / CONTROL / "channels.json",
+           lambda: finetune_pruned(cfg, out, 0.0, 0.0, profile.finetune_iters, profile.finetune_lr,
+                                   source="baseline", name=CONTROL),
+           durations, "control")
+    write_json_atomic(times_path, durations)
+    control_path = out / CONTROL / "summary.json"
+    if not control_path.is_file():
+        detector = load_pruned_detector(out / CONTROL, cfg=cfg, dataset=test)
+        write_json_atomic(control_path, detector_summary(detector, cfg, test, repeats=profile.latency_repeats))
+    control = json.loads(control_path.read_text())
+
     records = []
     for variant in VARIANTS:
         kd_fpn, kd_cls = (profile.kd_fpn, profile.kd_cls) if variant == "kd" else (0.0, 0.0)
@@ -154,19 +172,25 @@ def run_depth(profile: Profile, depth: int, datasets: tuple[str, str], out: Path
         else:
             report = write_report(cfg, vdir, durations, repeats=profile.latency_repeats)
         print(f"\n[detection] R{depth}-FPN, fine-tuned {variant}:\n{format_detection_table(report)}\n", flush=True)
-        records.append(record(report, depth, variant, profile, durations))
+        records.append(record(report, control, depth, variant, profile, durations))
     return records
 
 
-def record(report: dict, depth: int, variant: str, profile: Profile, durations: dict) -> dict:
+def record(report: dict, control: dict, depth: int, variant: str, profile: Profile, durations: dict) -> dict:
     base, pruned, tuned = report["baseline"], report["pruned"], report["finetuned"]
     return {
         "model": f"faster_rcnn_R{depth}_FPN", "variant": variant, "seed": profile.seed,
         "budget": round(1.0 - tuned["backbone_flops"] / base["backbone_flops"], 4),  # backbone FLOPs removed
         "baseline": _figures(base), "pruned": _figures(pruned), "finetuned": _figures(tuned),
-        "ap_change": None if tuned["AP"] is None or base["AP"] is None else round(tuned["AP"] - base["AP"], 2),
-        "wall_s": {k: v for k, v in durations.items() if not k.startswith("finetune-") or k == f"finetune-{variant}"},
+        "baseline_continued": _figures(control),
+        "ap_change": _change(tuned, base), "ap_change_vs_continued": _change(tuned, control),
+        "wall_s": {k: v for k, v in durations.items()
+                   if k in ("train", "prune-train", "prune") or k == f"finetune-{variant}"},
     }
+
+
+def _change(after: dict, before: dict) -> float | None:
+    return None if after["AP"] is None or before["AP"] is None else round(after["AP"] - before["AP"], 2)
 
 
 def _figures(summary: dict) -> dict:
@@ -175,25 +199,27 @@ def _figures(summary: dict) -> dict:
 
 
 def format_table(records: list[dict]) -> str:
-    rows = [["model", "detector", "AP", "AP50", "AP75", "backbone GFLOPs", "params (M)", "backbone ms", "change AP"]]
-    seen = set()
+    header = ["model", "detector", "AP", "AP50", "AP75", "backbone GFLOPs", "params (M)", "backbone ms",
+              "AP vs baseline", "AP vs control"]
+    rows, seen = [], set()
     for r in records:
-        stages = [("baseline", r["baseline"]), (f"pruned, {r['variant']}", r["finetuned"])]
+        stages = [(f"pruned, fine-tuned {r['variant']}", r["finetuned"])]
         if r["model"] not in seen:
-            stages.insert(1, ("pruned, before fine-tuning", r["pruned"]))
+            stages[:0] = [("baseline", r["baseline"]), ("baseline trained on (control)", r["baseline_continued"]),
+                          ("pruned, before fine-tuning", r["pruned"])]
             seen.add(r["model"])
-        else:
-            stages = stages[1:]
         for name, f in stages:
-            change = "" if name == "baseline" or f["AP"] is None or r["baseline"]["AP"] is None \
-                else f"{f['AP'] - r['baseline']['AP']:+.2f}"
+            versus = [("" if f is ref else _signed(_change(f, ref))) for ref in (r["baseline"], r["baseline_continued"])]
             rows.append([r["model"], name, _num(f["AP"]), _num(f["AP50"]), _num(f["AP75"]),
                          f"{f['backbone_flops'] / 1e9:.3f}", f"{f['params'] / 1e6:.2f}",
-                         _num((f["latency_ms"] or {}).get("backbone_ms")), change])
-    header, *body = rows
+                         _num((f["latency_ms"] or {}).get("backbone_ms")), *versus])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _signed(value) -> str:
+    return "-" if value is None else f"{value:+.2f}"
 
 
 def _num(value) -> str:

@@ -451,12 +451,15 @@ def test_detection_benchmark_compares_distillation_and_reuses_its_stages(tmp_pat
         assert r["finetuned"]["params"] == r["pruned"]["params"] < r["baseline"]["params"]
         assert {"AP", "AP50", "AP75", "backbone_flops", "latency_ms"} <= set(r["finetuned"])
         assert {"train", "prune-train", "prune", f"finetune-{r['variant']}"} == set(r["wall_s"])
+        assert r["baseline_continued"]["params"] == r["baseline"]["params"] and "ap_change_vs_continued" in r
     assert results["environment"]["torch"] == torch.__version__
     table = (out / "table.md").read_text()
-    assert "pruned, no_kd" in table and "pruned, kd" in table and "pruned, before fine-tuning" in table
+    assert "fine-tuned no_kd" in table and "fine-tuned kd" in table and "pruned, before fine-tuning" in table
+    assert "baseline trained on (control)" in table
 
     # a second run finds every detector on disk and trains nothing
     tuned = [out / "r18" / v / "finetuned" / "channels.json" for v in ("no_kd", "kd")]
+    tuned.append(out / "r18" / "baseline_continued" / "channels.json")
     stamps = [p.stat().st_mtime_ns for p in tuned]
     assert bench.main(argv)["records"] == results["records"]
     assert [p.stat().st_mtime_ns for p in tuned] == stamps

@@ -132,15 +132,19 @@ def prune_baseline(cfg, out: str | Path, budget: float | None) -> Path:
 
 
 def finetune_pruned(cfg, out: str | Path, kd_fpn: float = 0.0, kd_cls: float = 0.0, max_iter: int | None = None,
-                    base_lr: float | None = None) -> Path:
-    """Fine-tune ``out/pruned`` in detectron2's trainer, distilled from ``out/baseline`` when asked."""
+                    base_lr: float | None = None, source: str = "pruned", name: str = "finetuned") -> Path:
+    """Fine-tune ``out/<source>`` in detectron2's trainer, distilled from ``out/baseline`` when asked.
+
+    Writes ``out/<name>``. ``source="baseline"`` gives the control: the unpruned
+    detector trained on by the same schedule.
+    """
     out = Path(out)
-    cfg = _stage_cfg(cfg, out, "finetuned", max_iter, base_lr)
-    student = _load_checked(out / "pruned", cfg, cfg.DATASETS.TRAIN[0])
+    cfg = _stage_cfg(cfg, out, name, max_iter, base_lr)
+    student = _load_checked(out / source, cfg, cfg.DATASETS.TRAIN[0])
     teacher = _load_checked(out / "baseline", cfg, cfg.DATASETS.TRAIN[0]) if kd_fpn > 0 or kd_cls > 0 else None
     trainer = DetectionTrainer(cfg, model=student, teacher=teacher, kd_fpn=kd_fpn, kd_cls=kd_cls)
     trainer.train()
-    return save_pruned_detector(trainer.student, cfg, out / "finetuned", overwrite=True)
+    return save_pruned_detector(trainer.student, cfg, out / name, overwrite=True)
 
 
 class DetectorOnImages(nn.Module):
