@@ -9,13 +9,15 @@ on by that schedule too (the control: it has had as many iterations as the prune
 detectors). Every detector is evaluated with detectron2's COCOEvaluator on the
 val split.
 
-    python benchmarks/bench_detection.py --profile quick        # CPU, about an hour on 2 cores
+    python benchmarks/bench_detection.py --profile quick        # CPU, under an hour on 2 cores
+    python benchmarks/bench_detection.py --profile quick --set seed=1
     python benchmarks/bench_detection.py --profile full --device cuda
     python benchmarks/bench_detection.py --profile quick --set finetune_iters=200
 
-Writes, under --out: ``<depth>/`` with each stage's detector (reused when present),
-``<depth>/<variant>/report.json``, ``results.json`` (every record, the machine, the
-commit) and ``table.md``. A stage whose output exists is not run again; delete the
+Every stage is seeded from the profile's ``seed`` (``--set seed=1``). Writes, under
+--out (default ``benchmarks/results/detection/<profile>-s<seed>``): ``r<depth>/``
+with each stage's detector (reused when present) and ``r<depth>/<variant>/report.json``,
+``results.json`` (every record, the machine, the commit) and ``table.md``. A stage whose output exists is not run again; delete the
 folder to redo it.
 """
 
@@ -72,6 +74,7 @@ PROFILES = {
 }
 VARIANTS = ("no_kd", "kd")
 CONTROL = "baseline_continued"
+RESULTS = Path(__file__).resolve().parent / "results" / "detection"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,9 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a profile field")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dataset-dir", default=None, help="default: <out>/data")
+    p.add_argument("--dataset-dir", default=None, help="default: data/ beside the default --out, else <out>/data")
     p.add_argument("--fashion-root", default=None, help="Fashion-MNIST IDX files (default: the usual places)")
-    p.add_argument("--out", default="benchmarks/results/detection")
+    p.add_argument("--out", default=None, help=f"default: {RESULTS}/<profile>-s<seed>")
     return p.parse_args(argv)
 
 
@@ -231,8 +234,8 @@ def main(argv=None) -> dict:
     profile = apply_overrides(PROFILES[args.profile], args.set)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device!r}: no CUDA device is visible; use --device cpu")
-    out = Path(args.out)
-    dataset_dir = Path(args.dataset_dir) if args.dataset_dir else out / "data"
+    out = Path(args.out) if args.out else RESULTS / f"{args.profile}-s{profile.seed}"
+    dataset_dir = Path(args.dataset_dir) if args.dataset_dir else (out / "data" if args.out else RESULTS / "data")
     datasets = register_splits(dataset_dir, profile.num_images, profile.image_size, args.fashion_root)
     settings_path = out / "settings.json"
     settings = json.loads(json.dumps(asdict(profile)))  # as stored: tuples become lists

@@ -467,3 +467,17 @@ def test_detection_benchmark_compares_distillation_and_reuses_its_stages(tmp_pat
         bench.main([*argv, "--set", "finetune_iters=3"])
     with pytest.raises(SystemExit, match="finetune_iter"):
         bench.main([*argv[:4], "--set", "finetune_iter=3"])
+
+
+def test_training_with_a_seed_is_repeatable(det_datasets, tmp_path):
+    from pnp.detection.pipeline import train_baseline
+
+    cfg = small_cfg(det_datasets, MAX_ITER=2, BASE_LR=0.01)
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    weights = []
+    for run, seed in enumerate((7, 7, 8)):
+        cfg.SEED = seed
+        out = train_baseline(cfg, tmp_path / f"run{run}")
+        weights.append(load_pruned_detector(out, cfg=cfg, dataset=det_datasets[0]).state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # same seed: same detector
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

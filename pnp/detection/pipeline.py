@@ -69,6 +69,12 @@ def build_config(train_dataset: str, test_dataset: str, depth: int = 18, image_s
 
 
 def _stage_cfg(cfg, out: Path, stage: str, max_iter: int | None = None, base_lr: float | None = None):
+    """The stage's config (its own log folder and schedule); seeds every generator from ``cfg.SEED`` (if >= 0)."""
+    import_detectron2()
+    from detectron2.utils.env import seed_all_rng
+
+    if int(cfg.SEED) >= 0:
+        seed_all_rng(int(cfg.SEED))  # python, numpy, torch; detectron2's samplers draw their seeds from these
     cfg = cfg.clone()
     cfg.defrost()
     cfg.OUTPUT_DIR = str(out / "logs" / stage)  # metrics.json, TensorBoard events, evaluation files
