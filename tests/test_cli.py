@@ -42,7 +42,7 @@ def snapshot(directory: Path) -> dict:
     "override, field, value",
     [
         ("pruner.sparsity_weight=-1", "pruner.sparsity_weight", "-1.0"),
-        ("pruner.sparsity=params", "pruner.sparsity", "'params'"),
+        ("pruner.sparsity=latency", "pruner.sparsity", "'latency'"),
         ("readout.threshold=1.5", "readout.threshold", "1.5"),
         ("readout.budget=0", "readout.budget", "0.0"),
         ("trainer.devices=0", "trainer.devices", "0"),
