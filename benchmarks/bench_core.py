@@ -29,6 +29,7 @@ from pnp.core.cost import CostModel, count_flops_params, measure_latency
 from pnp.core.groups import find_channel_groups
 from pnp.core.readout import decide_keep
 from pnp.core.surgery import apply_surgery, verify_surgery
+from pnp.training.report import write_text_atomic
 
 INPUT_SHAPE = (3, 224, 224)
 
@@ -155,10 +156,7 @@ def main(argv=None) -> dict:
         "results": results,
     }
     print_table(results, args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".tmp")
-    partial.write_text(json.dumps(report, indent=2))
-    partial.replace(args.out)  # a reader never sees half a file
+    write_text_atomic(args.out, json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return report
 

@@ -16,8 +16,10 @@ val split.
 
 Every stage is seeded from the profile's ``seed`` (``--set seed=1``). Writes, under
 --out (default ``benchmarks/results/detection/<profile>-s<seed>``): ``r<depth>/``
-with each stage's detector (reused when present) and ``r<depth>/<variant>/report.json``,
-``results.json`` (every record, the machine, the commit) and ``table.md``. A stage whose output exists is not run again; delete the
+with each stage's detector (``baseline``, ``pruned``, ``finetuned_<variant>``,
+``baseline_continued``; reused when present) and each detector's figures
+(``summaries/``), ``results.json`` (every record, the machine, the commit) and
+``table.md``. A stage whose output exists is not run again; delete the
 folder to redo it.
 """
 
@@ -39,9 +41,9 @@ from bench_methods import environment  # noqa: E402  (this folder: the machine a
 from pnp.detection.checkpoint import load_pruned_detector  # noqa: E402
 from pnp.detection.pipeline import (  # noqa: E402
     build_config, detector_summary, finetune_pruned, format_detection_table, prune_baseline, register_splits, train_backbone_pruner,
-    train_baseline, write_report,
+    train_baseline,
 )
-from pnp.training.report import write_json_atomic  # noqa: E402
+from pnp.training.report import write_json_atomic, write_text_atomic  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,7 @@ PROFILES = {
                      finetune_iters=2, latency_repeats=1),
 }
 VARIANTS = ("no_kd", "kd")
-CONTROL = "baseline_continued"
+CONTROL = "baseline_continued"  # the folder of the control, and its key in the records
 RESULTS = Path(__file__).resolve().parent / "results" / "detection"
 
 
@@ -142,41 +144,40 @@ def run_depth(profile: Profile, depth: int, datasets: tuple[str, str], out: Path
     _timed(out / "pruned" / "channels.json", lambda: prune_baseline(cfg, out, profile.budget), durations, "prune")
     write_json_atomic(times_path, durations)
 
-    # the control: the unpruned baseline trained on by the same schedule, so that the
-    # pruned detectors' extra iterations are not mistaken for a gain from pruning
-    test = cfg.DATASETS.TEST[0]
-    _timed(out / CONTROL / "channels.json",
-           lambda: finetune_pruned(cfg, out, 0.0, 0.0, profile.finetune_iters, profile.finetune_lr,
-                                   source="baseline", name=CONTROL),
-           durations, "control")
-    write_json_atomic(times_path, durations)
-    control_path = out / CONTROL / "summary.json"
-    if not control_path.is_file():
-        detector = load_pruned_detector(out / CONTROL, cfg=cfg, dataset=test)
-        write_json_atomic(control_path, detector_summary(detector, cfg, test, repeats=profile.latency_repeats))
-    control = json.loads(control_path.read_text())
+    # every fine-tuning by the same schedule: the pruned detector once per variant, and
+    # the control, the unpruned baseline trained on, so that the pruned detectors'
+    # extra iterations are not mistaken for a gain from pruning
+    runs = {CONTROL: ("baseline", 0.0, 0.0, "control")}
+    for variant in VARIANTS:
+        kd = (profile.kd_fpn, profile.kd_cls) if variant == "kd" else (0.0, 0.0)
+        runs[f"finetuned_{variant}"] = ("pruned", *kd, f"finetune-{variant}")
+    for name, (source, kd_fpn, kd_cls, key) in runs.items():
+        _timed(out / name / "channels.json",
+               lambda: finetune_pruned(cfg, out, kd_fpn, kd_cls, profile.finetune_iters, profile.finetune_lr,
+                                       source=source, name=name),
+               durations, key)
+        write_json_atomic(times_path, durations)
 
+    summaries = {name: summarize(out, name, cfg, profile.latency_repeats) for name in ("baseline", "pruned", *runs)}
     records = []
     for variant in VARIANTS:
-        kd_fpn, kd_cls = (profile.kd_fpn, profile.kd_cls) if variant == "kd" else (0.0, 0.0)
-        vdir = out / variant
-        vdir.mkdir(exist_ok=True)
-        for stage in ("baseline", "pruned"):  # the shared detectors, seen from the variant's folder
-            link = vdir / stage
-            if not link.exists():
-                link.symlink_to(Path("..") / stage, target_is_directory=True)
-        _timed(vdir / "finetuned" / "channels.json",
-               lambda: finetune_pruned(cfg, vdir, kd_fpn, kd_cls, profile.finetune_iters, profile.finetune_lr),
-               durations, f"finetune-{variant}")
-        write_json_atomic(times_path, durations)
-        report_path = vdir / "report.json"
-        if report_path.is_file():
-            report = json.loads(report_path.read_text())
-        else:
-            report = write_report(cfg, vdir, durations, repeats=profile.latency_repeats)
+        report = {k: summaries[k] for k in ("baseline", "pruned")} | {"finetuned": summaries[f"finetuned_{variant}"]}
         print(f"\n[detection] R{depth}-FPN, fine-tuned {variant}:\n{format_detection_table(report)}\n", flush=True)
-        records.append(record(report, control, depth, variant, profile, durations))
+        records.append(record(report, summaries[CONTROL], depth, variant, profile, durations))
     return records
+
+
+def summarize(out: Path, name: str, cfg, repeats: int) -> dict:
+    """AP, FLOPs, params and latency of the detector in ``out/<name>``, measured once (``out/summaries/``)."""
+    path = out / "summaries" / f"{name}.json"
+    if not path.is_file():
+        test = cfg.DATASETS.TEST[0]
+        model = load_pruned_detector(out / name, cfg=cfg, dataset=test)
+        summary = detector_summary(model, cfg, test, repeats=repeats)
+        if "readout" in model.pnp_metadata:
+            summary["readout"] = model.pnp_metadata["readout"]
+        write_json_atomic(path, summary)
+    return json.loads(path.read_text())
 
 
 def record(report: dict, control: dict, depth: int, variant: str, profile: Profile, durations: dict) -> dict:
@@ -251,9 +252,7 @@ def main(argv=None) -> dict:
                "records": records}
     write_json_atomic(out / "results.json", results)
     table = format_table(records)
-    partial = out / "table.md.tmp"
-    partial.write_text(table + "\n", encoding="utf-8")
-    partial.replace(out / "table.md")
+    write_text_atomic(out / "table.md", table + "\n")
     print(table)
     return results
 

@@ -800,15 +800,13 @@ def _seconds(value: float) -> str:
 
 def plot_methods(records: list[dict], methods: tuple[str, ...], path: Path) -> Path:
     """Accuracy against FLOPs, one panel per model and dataset, one line per method, baseline as a star."""
-    from matplotlib.ticker import LogLocator
-
-    from pnp.training.report import _figure, _save_png, _tick_formatter
+    from pnp.training.report import format_flops_axis, new_figure, save_png
 
     summary = summarize(records)
     panels = sorted({(m, d) for (m, d, _, _) in summary})
     if not panels:
         raise BenchmarkError("no run records to plot")
-    fig = _figure(5.2 * len(panels), 4.2)
+    fig = new_figure(5.2 * len(panels), 4.2)
     for i, (model, dataset) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         base = None
@@ -823,16 +821,12 @@ def plot_methods(records: list[dict], methods: tuple[str, ...], path: Path) -> P
         if base is not None:
             ax.plot([base["baseline_flops"]], [base["baseline_accuracy"]], marker="*", markersize=12, color="black",
                     linestyle="none", label="baseline")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
-        ax.xaxis.set_major_formatter(_tick_formatter())
-        ax.xaxis.set_minor_formatter(_tick_formatter())
-        ax.set_xlabel("FLOPs per sample (MACs)")
+        format_flops_axis(ax)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{model} on {dataset}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def write_reports(profile: Profile, args: argparse.Namespace) -> dict:

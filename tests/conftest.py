@@ -27,6 +27,24 @@ def randomize_norm_layers(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+def gated_outputs(model: nn.Module, groups, keep, *inputs):
+    """``model``'s outputs on ``inputs`` with each group gated by ``keep`` (its hooks removed afterwards)."""
+    from pnp.core.gating import GatedModel
+
+    gated = GatedModel(model, groups)
+    try:
+        with torch.no_grad():
+            return gated(*inputs, masks={name: k.float() for name, k in keep.items()})
+    finally:
+        gated.remove()
+
+
+@pytest.fixture(scope="session")
+def gated_output():
+    """The function :func:`gated_outputs`, to compare a pruned model with the gated original."""
+    return gated_outputs
+
+
 @pytest.fixture(scope="session")
 def randomize_norms():
     """The function :func:`randomize_norm_layers`, for tests that build their own models."""

@@ -214,7 +214,7 @@ def conv_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     return total
 
 
-def test_r18_fpn_backbone_prunes_its_norms_and_counts_its_convolutions(randomize_norms):
+def test_r18_fpn_backbone_prunes_its_norms_and_counts_its_convolutions(randomize_norms, gated_output):
     torch.manual_seed(0)
     backbone = randomize_norms(build_detector(detector_config(depth=18, image_size=128)).backbone.eval())
     x = torch.randn(1, 3, 128, 128)
@@ -231,13 +231,9 @@ def test_r18_fpn_backbone_prunes_its_norms_and_counts_its_convolutions(randomize
     keep = pnp.keep_from_ratio(groups, 0.5, generator=torch.Generator().manual_seed(0))
     pruned = pnp.apply_surgery(backbone, groups, keep, x, verify=True)
     assert pruned.bottom_up.stem.conv1.norm.num_features == pruned.bottom_up.stem.conv1.out_channels < 64
-    gated = pnp.GatedModel(backbone, groups)
-    try:
-        with torch.no_grad():
-            expected = gated(x, masks={n: k.float() for n, k in keep.items()})
-            actual = pruned(x)
-    finally:
-        gated.remove()
+    expected = gated_output(backbone, groups, keep, x)
+    with torch.no_grad():
+        actual = pruned(x)
     assert expected.keys() == actual.keys()
     for level in expected:
         torch.testing.assert_close(actual[level], expected[level], rtol=1e-4, atol=1e-5)
@@ -458,8 +454,7 @@ def test_detection_benchmark_compares_distillation_and_reuses_its_stages(tmp_pat
     assert "baseline trained on (control)" in table
 
     # a second run finds every detector on disk and trains nothing
-    tuned = [out / "r18" / v / "finetuned" / "channels.json" for v in ("no_kd", "kd")]
-    tuned.append(out / "r18" / "baseline_continued" / "channels.json")
+    tuned = [out / "r18" / name / "channels.json" for name in ("finetuned_no_kd", "finetuned_kd", "baseline_continued")]
     stamps = [p.stat().st_mtime_ns for p in tuned]
     assert bench.main(argv)["records"] == results["records"]
     assert [p.stat().st_mtime_ns for p in tuned] == stamps

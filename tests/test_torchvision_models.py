@@ -15,7 +15,6 @@ import torch
 import torchvision
 
 from pnp.core.cost import CostModel, count_flops_params
-from pnp.core.gating import GatedModel
 from pnp.core.groups import find_channel_groups, legalize_keep
 from pnp.core.surgery import apply_surgery
 
@@ -97,7 +96,7 @@ def _num_params(model) -> int:
 
 
 @pytest.mark.parametrize("built, case", list(_cases()), indirect=["built"])
-def test_pruned_model_matches_gated_model(built, case):
+def test_pruned_model_matches_gated_model(built, case, gated_output):
     model, groups, x = built
     assert len(groups) > 0, f"no prunable groups found; excluded: {groups.excluded}"
     keep = random_keep(groups, *case)
@@ -105,13 +104,9 @@ def test_pruned_model_matches_gated_model(built, case):
 
     pruned = apply_surgery(model, groups, keep, x, verify=True)
 
-    gated = GatedModel(model, groups)
-    try:
-        with torch.no_grad():
-            expected = gated(x, masks={n: k.float() for n, k in keep.items()})
-            actual = pruned(x)
-    finally:
-        gated.remove()
+    expected = gated_output(model, groups, keep, x)
+    with torch.no_grad():
+        actual = pruned(x)
     scale = float(expected.abs().max())
     torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4 * max(1.0, scale))
 
@@ -167,16 +162,11 @@ def test_grouped_convolutions_keep_equal_counts_per_block(built):
 
 
 @pytest.mark.parametrize("built", ["resnet18", "mobilenet_v2"], indirect=True)
-def test_per_sample_masks_gate_each_sample_like_its_own_pruned_model(built):
+def test_per_sample_masks_gate_each_sample_like_its_own_pruned_model(built, gated_output):
     model, groups, x = built
     keeps = [random_keep(groups, seed, 0.3, 0.9) for seed in (10, 11)]
     masks = {g.name: torch.stack([k[g.name].float() for k in keeps]) for g in groups}
-    gated = GatedModel(model, groups)
-    try:
-        with torch.no_grad():
-            together = gated(x, masks=masks)
-    finally:
-        gated.remove()
+    together = gated_output(model, groups, masks, x)
     for i, keep in enumerate(keeps):
         pruned = apply_surgery(model, groups, keep, x)
         with torch.no_grad():

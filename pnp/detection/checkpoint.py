@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +23,7 @@ from pnp.core.artifacts import CHANNELS_FILE, ArtifactError, load_pruned, save_p
 from pnp.core.surgery import ChannelSpec
 from pnp.detection.compat import import_detectron2
 from pnp.detection.pruning import sync_output_shapes
+from pnp.training.report import write_text_atomic
 
 BUILDER = "pnp.detection.checkpoint:detector_from_config"
 CONFIG_FILE = "config.yaml"
@@ -92,7 +92,7 @@ def save_pruned_detector(
         model, directory, builder=BUILDER, builder_kwargs={"config": text}, spec=detector_spec,
         metadata=info, overwrite=overwrite,
     )
-    _write_text_atomically(directory / CONFIG_FILE, text)
+    write_text_atomic(directory / CONFIG_FILE, text)
     return directory
 
 
@@ -197,14 +197,3 @@ def _dataset_classes(name: str) -> list[str] | None:
     if not hasattr(meta, "thing_classes"):
         DatasetCatalog.get(name)  # COCO registration fills the metadata when the json is first read
     return list(getattr(meta, "thing_classes", []) or []) or None
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

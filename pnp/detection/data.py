@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from pnp.training.data import FASHION_MNIST_CLASSES, find_fashion_mnist, load_fashion_mnist, resize
+from pnp.training.report import write_text_atomic
 
 SPLIT_ITEMS = {"train": "train", "val": "test"}  # split written -> Fashion-MNIST split its items come from
 GENERATOR = "pnp.detection.data.compose_fashion_mnist_detection"
@@ -135,7 +136,7 @@ def compose_fashion_mnist_detection(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _write_json_atomically(coco, paths.json_file)
+    write_text_atomic(paths.json_file, json.dumps(coco))
     return paths
 
 
@@ -216,18 +217,6 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, target)
-
-
-def _write_json_atomically(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_positive_int(field: str, value) -> None:

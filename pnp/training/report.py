@@ -95,10 +95,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
+    return _replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON; tensors, paths and dataclasses are converted."""
-    text = json.dumps(obj, indent=2, default=_json_default) + "\n"
-    return _replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 # --------------------------------------------------------------------------- the table
@@ -208,8 +212,8 @@ def render_table(rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _figure(width: float, height: float):
-    # the Agg canvas draws without touching pyplot's global backend
+def new_figure(width: float, height: float):
+    """A matplotlib figure of ``width`` x ``height`` inches on its own Agg canvas (pyplot's backend untouched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -218,7 +222,8 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save_png(fig, path: str | Path) -> Path:
+def save_png(fig, path: str | Path) -> Path:
+    """Lay ``fig`` out and write it to ``path`` as PNG, atomically."""
     fig.tight_layout()
     return _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 
@@ -246,7 +251,7 @@ def plot_channels_per_layer(
     sizes = [int(group_sizes[n]) for n in names]
     kept = [int(groups_kept.get(n, group_sizes[n])) for n in names]
     n = len(names)
-    fig = _figure(max(6.0, 0.35 * n + 2.0), 4.8)
+    fig = new_figure(max(6.0, 0.35 * n + 2.0), 4.8)
     ax = fig.add_subplot(1, 1, 1)
     xs = list(range(n))
     ax.bar(xs, sizes, width=0.8, color="#c8d3e0", label="original")
@@ -261,7 +266,7 @@ def plot_channels_per_layer(
     ax.set_title(f"{title} ({total_kept}/{total} = {100.0 * total_kept / max(total, 1):.1f}% kept)")
     ax.legend(loc="upper left")
     ax.set_xlim(-0.6, n - 0.4)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def plot_accuracy_vs_flops(points: Sequence[Mapping[str, Any]], path: str | Path, title: str = "Accuracy vs FLOPs") -> Path:
@@ -277,7 +282,7 @@ def plot_accuracy_vs_flops(points: Sequence[Mapping[str, Any]], path: str | Path
         for key in ("label", "flops", "accuracy"):
             if key not in p:
                 raise KeyError(f"point {i} ({dict(p)}) has no {key!r}")
-    fig = _figure(6.4, 4.8)
+    fig = new_figure(6.4, 4.8)
     ax = fig.add_subplot(1, 1, 1)
     series: dict[str, list] = {}
     for p in points:
@@ -292,7 +297,18 @@ def plot_accuracy_vs_flops(points: Sequence[Mapping[str, Any]], path: str | Path
     for p in points:
         ax.annotate(str(p["label"]), (float(p["flops"]), float(p["accuracy"])), textcoords="offset points", xytext=(4, 4), fontsize=8)
     flops = [float(p["flops"]) for p in points]
-    if min(flops) > 0 and max(flops) / min(flops) > 10:
+    format_flops_axis(ax, log=min(flops) > 0 and max(flops) / min(flops) > 10)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if series:
+        ax.legend()
+    return save_png(fig, path)
+
+
+def format_flops_axis(ax, log: bool = True) -> None:
+    """FLOPs per sample on ``ax``'s x axis, ticks labelled 200K, 1.5M; on a log scale (minor ticks at 2 and 5) if ``log``."""
+    if log:
         from matplotlib.ticker import LogLocator
 
         ax.set_xscale("log")
@@ -300,12 +316,6 @@ def plot_accuracy_vs_flops(points: Sequence[Mapping[str, Any]], path: str | Path
         ax.xaxis.set_minor_formatter(_tick_formatter())
     ax.xaxis.set_major_formatter(_tick_formatter())
     ax.set_xlabel("FLOPs per sample (MACs)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    if series:
-        ax.legend()
-    return _save_png(fig, path)
 
 
 def _tick_formatter():
