@@ -169,6 +169,17 @@ class PrunerNetwork(nn.Module):
     def head(self) -> MultiTaskHead:
         return self.trunk.get_submodule(self.head_layer)
 
+    def param_groups(self, lr: float, trunk_lr: float | None = None) -> list[dict]:
+        """Optimizer parameter groups: the fresh head at ``lr``, the trunk at ``trunk_lr`` (default ``lr / 10``).
+
+        The trunk starts from the target's trained weights: it moves slower than the
+        head, so the keep decisions do not swing all at once.
+        """
+        head = list(self.head.parameters())
+        head_ids = {id(p) for p in head}
+        trunk = [p for p in self.parameters() if id(p) not in head_ids]
+        return [{"params": head, "lr": lr}, {"params": trunk, "lr": lr / 10 if trunk_lr is None else trunk_lr}]
+
     def logits(self, *args, **kwargs) -> torch.Tensor:
         out = self.trunk(*args, **kwargs)
         if self.head.passthrough_shape is not None:

@@ -121,11 +121,7 @@ def pruner_optimizer(pruner: PrunerNetwork, lr: float, trunk_lr: float | None = 
     """Adam with the fresh head at ``lr`` and the trained trunk at ``trunk_lr`` (default ``lr / 10``), as for classifiers."""
     if lr <= 0:
         raise ValueError(f"pruner lr {lr} must be > 0")
-    head = list(pruner.head.parameters())
-    head_ids = {id(p) for p in head}
-    trunk = [p for p in pruner.parameters() if id(p) not in head_ids]
-    trunk_lr = lr / 10 if trunk_lr is None else trunk_lr
-    return torch.optim.Adam([{"params": head, "lr": lr}, {"params": trunk, "lr": trunk_lr}], weight_decay=weight_decay)
+    return torch.optim.Adam(pruner.param_groups(lr, trunk_lr), weight_decay=weight_decay)
 
 
 @torch.no_grad()

@@ -134,15 +134,8 @@ class PrunerModule(pl.LightningModule):
         self.keep_scores = self._scores.compute()
 
     def configure_optimizers(self):
-        # The trunk starts from the target's trained weights: it moves slower than the
-        # fresh head (default lr / 10), so the decisions do not swing all at once.
-        head = list(self.pruner.head.parameters())
-        head_ids = {id(p) for p in head}
-        trunk = [p for p in self.pruner.parameters() if id(p) not in head_ids]
-        trunk_lr = self.hparams.lr / 10 if self.hparams.trunk_lr is None else self.hparams.trunk_lr
         optimizer = torch.optim.Adam(
-            [{"params": head, "lr": self.hparams.lr}, {"params": trunk, "lr": trunk_lr}],
-            weight_decay=self.hparams.weight_decay,
+            self.pruner.param_groups(self.hparams.lr, self.hparams.trunk_lr), weight_decay=self.hparams.weight_decay
         )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(self.hparams.epochs)))
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
