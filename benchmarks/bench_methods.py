@@ -70,6 +70,8 @@ class Schedule:
     pruner_epochs: int = 1  # pnp
     pruner_lr: float = 1e-3
     calibration_images: int = 2048
+    inherit_steps: int = 200  # pnp: fine-tuning steps of each candidate in the weight-inheritance look-ahead
+    inherit_eval_images: int = 5000  # pnp: validation images the candidates are compared on
     taylor_images: int = 1024  # taylor: images whose loss gradients are summed
     # bn_scale: Network Slimming's sparsity training, here a short phase from the baseline.
     # slim_reg (torch-pruning's BNScalePruner reg) is set per schedule so that the L1 push
@@ -83,7 +85,7 @@ class Schedule:
 @dataclass(frozen=True)
 class Profile:
     schedules: tuple[Schedule, ...]
-    methods: tuple[str, ...] = ("pnp", "l1", "bn_scale", "random", "magnitude", "taylor")
+    methods: tuple[str, ...] = ("pnp", "pnp_learned", "l1", "bn_scale", "random", "magnitude", "taylor")
     budgets: tuple[float, ...] = (0.5, 0.7, 0.9)  # fraction of FLOPs removed
     seeds: tuple[int, ...] = (0, 1)
     latency_batch: int = 64  # latency_ms is the median at this batch size
@@ -99,7 +101,7 @@ PROFILES: dict[str, Profile] = {
             Schedule("lenet5", baseline_epochs=8, finetune_epochs=3, pruner_epochs=1),
             Schedule(
                 "resnet20", train_images=10_000, baseline_epochs=8, baseline_lr=0.1,
-                finetune_epochs=2, pruner_epochs=1, slim_epochs=1, slim_reg=2.5e-2,
+                finetune_epochs=2, pruner_epochs=1, slim_epochs=1, slim_reg=2.5e-2, inherit_steps=60,
             ),
         ),
     ),
@@ -127,7 +129,7 @@ PROFILES: dict[str, Profile] = {
         schedules=(
             Schedule(
                 "lenet5", batch_size=64, train_images=256, test_images=200, val_size=100, baseline_epochs=1,
-                finetune_epochs=1, calibration_images=128, taylor_images=128,
+                finetune_epochs=1, calibration_images=128, taylor_images=128, inherit_steps=3, inherit_eval_images=50,
             ),
         ),
         methods=("pnp", "l1"),
@@ -139,7 +141,8 @@ PROFILES: dict[str, Profile] = {
 }
 
 METHOD_LABELS = {
-    "pnp": "pnp (learned)",
+    "pnp": "pnp",
+    "pnp_learned": "pnp, pruner's picks",
     "l1": "L1 (Li+17)",
     "bn_scale": "BN-scale (Slimming)",
     "random": "random",
@@ -148,7 +151,8 @@ METHOD_LABELS = {
 }
 # settings that only some methods read; the rest of a Schedule decides every run
 METHOD_FIELDS = {
-    "pnp": ("pruner_epochs", "pruner_lr", "calibration_images"),
+    "pnp": ("pruner_epochs", "pruner_lr", "calibration_images", "inherit_steps", "inherit_eval_images"),
+    "pnp_learned": ("pruner_epochs", "pruner_lr", "calibration_images"),
     "taylor": ("taylor_images",),
     "bn_scale": ("slim_epochs", "slim_lr", "slim_reg"),
 }
@@ -439,26 +443,51 @@ class Choice:
     source: nn.Module | None = None  # the model to cut, when the method changed the baseline's weights
 
 
-def choose_pnp(bench: Bench, removed: float, device: str, out: Path) -> Choice:
-    """Train pnp's pruner against the frozen baseline at the budget, then read out at the budget."""
-    from pnp.core.readout import decide_keep
-    from pnp.training.pruner_module import PrunerModule
+def choose_pnp_with(inherit: bool):
+    """pnp: train its pruner against the frozen baseline at the budget and read out at the budget.
 
-    s = bench.schedule
-    start = time.perf_counter()
-    pl.seed_everything(bench.seed, workers=True, verbose=False)
-    module = PrunerModule(
-        copy.deepcopy(bench.baseline), bench.groups, lr=s.pruner_lr, epochs=s.pruner_epochs, sparsity="flops",
-        sparsity_weight=0.0, budget=1.0 - removed, budget_metric="flops", budget_weight=1.0, mask_mode="batch",
-    )
-    trainer = make_trainer(s.pruner_epochs, bench, device)
-    trainer.fit(module, datamodule=bench.data)
-    samples = min(s.calibration_images, len(bench.data.train_indices))
-    trainer.test(module, dataloaders=bench.data.calibration_dataloader(samples), verbose=False)
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    keep, info = decide_keep(bench.groups, module.keep_scores, budget=1.0 - removed, metric="flops")
-    return Choice(keep, info, {"pruner_training_s": train_s, "readout_s": time.perf_counter() - start})
+    With ``inherit`` (pnp as shipped, ``inherit.choice=auto``), the channels kept at
+    the learned widths are then chosen by a short fine-tuning look-ahead among the
+    pruner's own picks, L1 and magnitude; without it, the pruner's own picks are cut.
+    """
+
+    def choose(bench: Bench, removed: float, device: str, out: Path) -> Choice:
+        from torch.utils.data import DataLoader, Subset
+
+        from pnp.core.readout import decide_keep
+        from pnp.training.inherit import choose_inheritance
+        from pnp.training.pruner_module import PrunerModule
+
+        s = bench.schedule
+        start = time.perf_counter()
+        pl.seed_everything(bench.seed, workers=True, verbose=False)
+        module = PrunerModule(
+            copy.deepcopy(bench.baseline), bench.groups, lr=s.pruner_lr, epochs=s.pruner_epochs, sparsity="flops",
+            sparsity_weight=0.0, budget=1.0 - removed, budget_metric="flops", budget_weight=1.0, mask_mode="batch",
+        )
+        trainer = make_trainer(s.pruner_epochs, bench, device)
+        trainer.fit(module, datamodule=bench.data)
+        samples = min(s.calibration_images, len(bench.data.train_indices))
+        trainer.test(module, dataloaders=bench.data.calibration_dataloader(samples), verbose=False)
+        times = {"pruner_training_s": time.perf_counter() - start}
+        start = time.perf_counter()
+        keep, info = decide_keep(bench.groups, module.keep_scores, budget=1.0 - removed, metric="flops")
+        times["readout_s"] = time.perf_counter() - start
+        if inherit:
+            start = time.perf_counter()
+            dm = bench.data
+            held_out = Subset(dm.val_dataset, range(min(s.inherit_eval_images, len(dm.val_dataset))))
+            chosen = choose_inheritance(
+                bench.baseline, bench.groups, keep, bench.example_inputs, ("learned", "l1", "magnitude"),
+                dm.train_dataloader, DataLoader(held_out, batch_size=s.batch_size), steps=s.inherit_steps,
+                lr=s.finetune_lr, weight_decay=s.weight_decay, device=device, seed=bench.seed,
+            )
+            keep = chosen.keep
+            info = {**info, "inherit": chosen.to_dict()}
+            times["inherit_lookahead_s"] = time.perf_counter() - start
+        return Choice(keep, info, times)
+
+    return choose
 
 
 def choose_by_criterion(criterion: str, prepare: Callable | None = None):
@@ -537,7 +566,8 @@ def sparsity_trained(bench: Bench, device: str, out: Path) -> tuple[nn.Module, d
 
 
 METHODS: dict[str, Callable[[Bench, float, str, Path], Choice]] = {
-    "pnp": choose_pnp,
+    "pnp": choose_pnp_with(inherit=True),
+    "pnp_learned": choose_pnp_with(inherit=False),
     "l1": choose_by_criterion("l1"),
     "bn_scale": choose_by_criterion("bn_scale", prepare=sparsity_trained),
     "random": choose_by_criterion("random"),
@@ -607,6 +637,7 @@ def run_one(bench: Bench, method: str, removed: float, profile: Profile, device:
         "finetune_s": finetune_s,
         "surgery_s": surgery_s,
         "predicted_flops_kept": choice.readout["flops_fraction"],
+        **({"inherit": choice.readout["inherit"]} if "inherit" in choice.readout else {}),
         "channels_kept": {name: len(idx) for name, idx in spec.groups.items()},
         "channels_total": dict(spec.group_sizes),
         "device": device,

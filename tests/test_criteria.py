@@ -199,7 +199,10 @@ def test_bench_methods_smoke_writes_records_table_and_plot(tmp_path):
     assert len(results["records"]) == 2 and len(results["not_applicable"]) == 1
     assert results["environment"]["torch"] == torch.__version__
     table = (out / "table.md").read_text()
-    assert "pnp (learned)" in table and "L1 (Li+17)" in table and "| lenet5 | fashion_mnist | 50% |" in table
+    pnp_record = json.loads((out / "runs" / "lenet5-fashion_mnist" / "pnp-r50-s0.json").read_text())
+    tried = pnp_record["inherit"]["lookahead_accuracy"]  # the weight-inheritance look-ahead ran and chose
+    assert set(tried) == {"learned", "l1", "magnitude"} and pnp_record["inherit"]["choice"] in tried
+    assert "| pnp |" in table and "L1 (Li+17)" in table and "| lenet5 | fashion_mnist | 50% |" in table
     assert "n/a: bn_scale on lenet5" in table
     assert (out / "accuracy_vs_flops.png").read_bytes().startswith(b"\x89PNG")
 

@@ -60,6 +60,7 @@ def quick_overrides(data_root: Path, out_dir: Path) -> list[str]:
         "pruner.epochs=1",
         "pruner.calibration_samples=100",
         "finetune.epochs=1",
+        "inherit.steps=3",
         "trainer.limit_train_batches=6",
         "trainer.enable_progress_bar=false",
         "report.latency_batch_sizes=[1]",
@@ -101,6 +102,11 @@ def test_pipeline_writes_report_plots_logs_and_config(finished_run):
     assert saved["after"]["params"] < saved["before"]["params"]
     assert set(saved["stages"]) == {"train", "train_pruner", "prune", "finetune"}
     assert all(s["time_s"] > 0 for s in saved["stages"].values())
+    prune = json.loads((out / "prune" / "report.json").read_text())
+    inherit = prune["inherit"]  # weights inherited as the look-ahead chose, at the learned widths
+    assert set(inherit["lookahead_accuracy"]) == {"learned", "l1", "magnitude"}
+    assert inherit["choice"] == max(inherit["lookahead_accuracy"], key=inherit["lookahead_accuracy"].get)
+    assert prune["readout"]["channels_kept"] == sum(prune["channels_kept"].values())
 
     for plot in ("channels_per_layer.png", "accuracy_vs_flops.png"):
         assert (out / plot).read_bytes()[:8] == PNG_MAGIC

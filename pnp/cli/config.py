@@ -132,6 +132,21 @@ class ReadoutConfig:
 
 
 @dataclass
+class InheritConfig:
+    # which channels carry their weights into the pruned model, at the widths the pruner
+    # learned: "learned" (the pruner's own picks), a criterion of pnp.core.criteria
+    # ("l1", "magnitude", ...), or "auto": each of `candidates` is cut and fine-tuned
+    # for `steps` SGD steps, and the best accuracy on held-out images wins
+    choice: str = "auto"
+    candidates: list[str] = field(default_factory=lambda: ["learned", "l1", "magnitude"])
+    steps: int = 200
+    lr: float = 0.01
+    # held-out images the candidates are compared on (the validation split; without one,
+    # training images)
+    eval_samples: int = 5000
+
+
+@dataclass
 class ReportConfig:
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     latency_threads: list[int] = field(default_factory=lambda: [1])
@@ -169,6 +184,7 @@ class PruneCommand(CommonConfig):
     keep: Optional[str] = None
     verify: bool = True
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
+    inherit: InheritConfig = field(default_factory=InheritConfig)
 
 
 @dataclass
@@ -186,6 +202,7 @@ class PipelineCommand(CommonConfig):
     train: OptimConfig = field(default_factory=OptimConfig)
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
+    inherit: InheritConfig = field(default_factory=InheritConfig)
     verify: bool = True
     finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=5, lr=0.01))
 
@@ -353,6 +370,21 @@ def _check_readout(cfg: DictConfig) -> None:
     _choice(cfg, "readout.metric", METRICS)
 
 
+def _check_inherit(cfg: DictConfig) -> None:
+    from pnp.core.criteria import CRITERIA
+
+    valid = ("learned", *CRITERIA)
+    _choice(cfg, "inherit.choice", ("auto", *valid))
+    if cfg.inherit.choice == "auto":
+        candidates = list(cfg.inherit.candidates)
+        _require(len(candidates) > 0, "inherit.candidates", candidates, f"name at least one of {', '.join(valid)}")
+        for i, name in enumerate(candidates):
+            _require(name in valid, f"inherit.candidates[{i}]", name, f"must be one of {', '.join(valid)}")
+    _number(cfg, "inherit.steps", low=1)
+    _number(cfg, "inherit.lr", low=0, low_open=True)
+    _number(cfg, "inherit.eval_samples", low=1)
+
+
 def _check_report(cfg: DictConfig) -> None:
     for i, b in enumerate(cfg.report.latency_batch_sizes):
         _require(b >= 1, f"report.latency_batch_sizes[{i}]", b, "must be >= 1")
@@ -375,6 +407,8 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check_pruner(cfg)
     if command in ("train_pruner", "prune", "pipeline"):
         _check_readout(cfg)
+    if command in ("prune", "pipeline"):
+        _check_inherit(cfg)
     if command in ("finetune", "pipeline"):
         _check_optim(cfg, "finetune")
     if command in ("train_pruner", "prune"):

@@ -130,12 +130,13 @@ def _prune(cfg, run_dir: Path, data) -> dict:
     else:
         keep, info = stages.read_out(cfg, groups, stages.scores_from(cfg), ("pruner_run", cfg.pruner_run))
     stage = StageDir(run_dir, "prune", stages.what_config(
-        cfg, "model", "readout", verify=cfg.verify, target=_abs(cfg.target),
+        cfg, "model", "data", "readout", "inherit", verify=cfg.verify, target=_abs(cfg.target),
         pruner_run=_abs(cfg.pruner_run), keep=_abs(cfg.keep),
     ))
     state = stage.check()
     write_resolved_config(cfg, run_dir)
-    result = stages.prune(cfg, data, stage, state, target, groups, keep, info)
+    # a keep file is used as it is; decisions read out of a pruner run get their weights as cfg.inherit says
+    result = stages.prune(cfg, data, stage, state, target, groups, keep, info, inherit_weights=cfg.keep is None)
     r = result.report
     _say(_table(baseline=r.get("before"), pruned=r.get("after"), stage_reports={"prune": r}))
     _say_paths(run_dir, r, [Path(p) for p in r.get("plots", {}).values()])
@@ -168,7 +169,7 @@ def _pipeline(cfg, run_dir: Path, data) -> dict:
     dirs = {
         "train": StageDir(run_dir / "train", "train", stages.what_config(cfg, "model", "data", "train")),
         "train_pruner": StageDir(run_dir / "train_pruner", "train_pruner", stages.what_config(cfg, "model", "data", "pruner")),
-        "prune": StageDir(run_dir / "prune", "prune", stages.what_config(cfg, "model", "readout", verify=cfg.verify)),
+        "prune": StageDir(run_dir / "prune", "prune", stages.what_config(cfg, "model", "data", "readout", "inherit", verify=cfg.verify)),
         "finetune": StageDir(run_dir / "finetune", "finetune", stages.what_config(cfg, "data", "finetune")),
     }
     states = {name: d.check() for name, d in dirs.items()}

@@ -419,6 +419,53 @@ def write_keep(path: Path, groups, keep: dict[str, torch.Tensor], info: dict | N
 # ---------------------------------------------------------------- 3. surgery
 
 
+def _broadcast(value):
+    """Rank 0's ``value`` on every rank (the value itself when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[str, torch.Tensor]):
+    """Keep decisions at the learned widths, their channels picked as ``cfg.inherit`` says; and what was decided.
+
+    With ``inherit.choice=auto`` every candidate is cut and fine-tuned briefly on the
+    same batches; rank 0's choice is used on every rank.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from pnp.training.inherit import LEARNED, Inheritance, candidate_keeps, choose_inheritance
+
+    c = cfg.inherit
+    if c.choice == LEARNED:
+        return keep, Inheritance(LEARNED, keep).to_dict()
+    dm = data.module
+    gradient_batches = dm.calibration_dataloader(min(1024, len(dm.train_indices)))
+    if c.choice != "auto":
+        keeps, skipped = candidate_keeps(target, groups, keep, [c.choice], gradient_batches)
+        if not keeps:
+            raise ValueError(f"inherit.choice {c.choice!r} does not apply to this model: {skipped[c.choice]}")
+        return keeps[c.choice], Inheritance(c.choice, keeps[c.choice]).to_dict()
+    if dm.val_size:
+        held_out = Subset(dm.val_dataset, range(min(int(c.eval_samples), len(dm.val_dataset))))
+        eval_loader, evaluated_on = DataLoader(held_out, batch_size=dm.batch_size), "validation split"
+    else:
+        eval_loader, evaluated_on = dm.calibration_dataloader(min(int(c.eval_samples), len(dm.train_indices))), "training images"
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    chosen = None
+    if is_global_zero():
+        chosen = choose_inheritance(
+            target, groups, keep, data.example_inputs, list(c.candidates), dm.train_dataloader, eval_loader,
+            steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,
+        )
+        target.to("cpu")
+        chosen = (chosen.choice, {k: v.cpu() for k, v in chosen.keep.items()}, {**chosen.to_dict(), "evaluated_on": evaluated_on})
+    _, keep, record = _broadcast(chosen)
+    return keep, record
+
+
 def prune(
     cfg: DictConfig,
     data: Data,
@@ -429,18 +476,34 @@ def prune(
     keep: dict[str, torch.Tensor],
     info: dict,
     before: dict | None = None,
+    inherit_weights: bool = True,
 ) -> StageResult:
-    """Cut out what ``keep`` drops, save the pruned model, its keep decisions and a plot of them."""
+    """Cut out what ``keep`` drops, save the pruned model, its keep decisions and a plot of them.
+
+    With ``inherit_weights`` the channels kept at ``keep``'s widths are chosen as
+    ``cfg.inherit`` says (see :func:`inherit`).
+    """
     from pnp.core.surgery import apply_surgery
 
     if state == "done":
         return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR), skipped=True)
     start = time.perf_counter()
     stage.start()
+    inherited = None
+    if inherit_weights:
+        learned = keep
+        keep, inherited = inherit(cfg, data, target, groups, keep)
+        if is_global_zero():
+            inherited["channels_changed"] = {
+                g: int((learned[g].bool() & ~keep[g].bool()).sum()) for g in keep
+            }
+            print(_inherit_line(inherited), flush=True)
     pruned = apply_surgery(target, groups, keep, data.example_inputs, verify=bool(cfg.verify))
     save_model(pruned, stage, data, made_by="pnp-prune")
     write_keep(stage.path / KEEP_FILE, groups, keep, info)
     report: dict[str, Any] = {"readout": info}
+    if inherited is not None:
+        report["inherit"] = inherited
     if is_global_zero():
         if before is None:
             before = summarize(target, data, cfg)
@@ -456,6 +519,16 @@ def prune(
         })
     report["time_s"] = time.perf_counter() - start
     return StageResult(stage.finish(report), model=pruned, keep=keep)
+
+
+def _inherit_line(record: dict) -> str:
+    tried = record.get("lookahead_accuracy") or {}
+    how = ""
+    if tried:
+        how = f" (after {record['steps']} fine-tuning steps each, accuracy on the {record['evaluated_on']}: " + ", ".join(
+            f"{name} {acc:.2f}%" for name, acc in tried.items()) + ")"
+    changed = sum(record.get("channels_changed", {}).values())
+    return f"[pnp] weights inherited from the {record['choice']!r} channels{how}; {changed} kept channels differ from the pruner's picks"
 
 
 def write_plots(directory: Path, original: nn.Module, kept: dict, sizes: dict, models: list[tuple[str, dict | None]]) -> dict:

@@ -165,3 +165,31 @@ def decide_keep(
         "adjustments": adjusted,
     }
     return keep, info
+
+
+def reselect_keep(
+    groups: ChannelGroups, keep: Mapping[str, torch.Tensor], importance: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list]:
+    """As many channels per group as ``keep`` keeps, chosen instead by ``importance`` (higher is kept).
+
+    The widths (the architecture) stay those of ``keep``; only which channels carry
+    their weights into the pruned model changes. Groups ``importance`` does not
+    score keep the channels ``keep`` picked. Returns the decisions and the
+    adjustments made for grouped convolutions.
+    """
+    chosen, scores = {}, {}
+    for g in groups:
+        k = torch.as_tensor(keep[g.name]).bool().cpu()
+        if k.shape != (g.size,):
+            raise ValueError(f"keep[{g.name!r}] has shape {tuple(k.shape)}; expected ({g.size},)")
+        s = importance.get(g.name)
+        if s is None:
+            chosen[g.name], scores[g.name] = k.clone(), k.float()
+            continue
+        s = torch.as_tensor(s).detach().float().cpu()
+        if s.shape != (g.size,):
+            raise ValueError(f"importance[{g.name!r}] has shape {tuple(s.shape)}; expected ({g.size},)")
+        new = torch.zeros(g.size, dtype=torch.bool)
+        new[torch.argsort(s, descending=True, stable=True)[: int(k.sum())]] = True
+        chosen[g.name], scores[g.name] = new, s
+    return legalize_keep(groups, chosen, scores)

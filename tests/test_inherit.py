@@ -1,0 +1,123 @@
+"""Weight inheritance: the learned widths, with the channels a short fine-tuning look-ahead prefers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import pnp
+from pnp.core.readout import reselect_keep
+from pnp.training.inherit import candidate_keeps, check_inherit, choose_inheritance, lookahead_accuracy
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.relu(self.conv(x))), 1))
+
+
+def half_dead_cnn() -> TinyCNN:
+    """Channels 0-3 are dead (zero filters, biases and classifier columns: no gradient can revive them); 4-7 respond to brightness."""
+    torch.manual_seed(0)
+    model = TinyCNN()
+    with torch.no_grad():
+        model.conv.weight.abs_()
+        model.conv.weight[:4] = 0
+        model.conv.bias.zero_()
+        model.fc.weight[:, :4] = 0
+    return model.eval()
+
+
+def brightness_data(n: int = 256, seed: int = 0) -> TensorDataset:
+    """Two classes: class 1 images are brighter. Linearly separable from pooled positive filter responses."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.3 + y.view(-1, 1, 1, 1).float()
+    return TensorDataset(x, y)
+
+
+@pytest.fixture
+def setup():
+    model = half_dead_cnn()
+    example = torch.randn(2, 1, 8, 8)
+    groups = pnp.find_channel_groups(model, example)
+    dead = torch.tensor([True] * 4 + [False] * 4)
+    train = brightness_data(256, seed=0)
+    held_out = DataLoader(brightness_data(200, seed=1), batch_size=50)
+
+    def train_loader():
+        return DataLoader(train, batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    return model, example, groups, {"conv": dead}, train_loader, held_out
+
+
+def test_reselect_keeps_each_width_and_takes_the_most_important(setup):
+    _, _, groups, keep, _, _ = setup
+    importance = {"conv": torch.tensor([0.0, 1, 2, 3, 9, 8, 7, 6])}
+    chosen, _ = reselect_keep(groups, keep, importance)
+    assert chosen["conv"].tolist() == [False] * 4 + [True] * 4
+    assert int(chosen["conv"].sum()) == int(keep["conv"].sum())
+
+
+def test_reselect_leaves_unscored_groups_and_rejects_a_wrong_shape(setup):
+    _, _, groups, keep, _, _ = setup
+    chosen, _ = reselect_keep(groups, keep, {})
+    assert torch.equal(chosen["conv"], keep["conv"])
+    with pytest.raises(ValueError, match=r"importance\['conv'\] has shape \(3,\); expected \(8,\)"):
+        reselect_keep(groups, keep, {"conv": torch.ones(3)})
+
+
+def test_candidates_keep_the_widths_and_say_why_one_does_not_apply(setup):
+    model, _, groups, keep, _, _ = setup
+    keeps, skipped = candidate_keeps(model, groups, keep, ["learned", "l1", "bn_scale"])
+    assert torch.equal(keeps["learned"]["conv"], keep["conv"])
+    assert keeps["l1"]["conv"].tolist() == [False] * 4 + [True] * 4  # the live filters have the larger L1 norms
+    assert "bn_scale" in skipped and "BatchNorm" in skipped["bn_scale"]
+
+
+def test_lookahead_chooses_the_channels_that_fine_tune_better(setup):
+    """The pruner's picks here are dead channels: fine-tuning cannot revive them, and the look-ahead sees it."""
+    model, example, groups, keep, train_loader, held_out = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    chosen = choose_inheritance(
+        model, groups, keep, example, ["learned", "l1"], train_loader, held_out, steps=40, lr=0.1
+    )
+    assert chosen.choice == "l1"
+    assert chosen.accuracy["l1"] > 90.0
+    assert chosen.accuracy["learned"] < 65.0  # no better than guessing the majority class
+    assert chosen.keep["conv"].tolist() == [False] * 4 + [True] * 4
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the target was changed"
+    again = choose_inheritance(model, groups, keep, example, ["learned", "l1"], train_loader, held_out, steps=40, lr=0.1)
+    assert again.accuracy == chosen.accuracy  # same batches, same seed: the same comparison
+
+
+def test_lookahead_trains_the_model(setup):
+    model, _, _, _, train_loader, held_out = setup
+    from pnp.training.report import evaluate_accuracy
+
+    trained = half_dead_cnn()
+    start = evaluate_accuracy(trained, held_out)
+    assert lookahead_accuracy(trained, train_loader(), held_out, steps=40, lr=0.1) > max(start, 90.0)
+    with pytest.raises(ValueError, match="inherit.steps 0 must be >= 1"):
+        lookahead_accuracy(trained, train_loader(), held_out, steps=0)
+
+
+@pytest.mark.parametrize(
+    "choice, candidates, message",
+    [
+        ("best", ["learned"], "inherit.choice 'best' is not one of"),
+        ("auto", [], "inherit.candidates is empty"),
+        ("auto", ["learned", "l7"], "inherit.candidates has 'l7'"),
+    ],
+)
+def test_bad_choice_or_candidate_is_named(choice, candidates, message):
+    with pytest.raises(ValueError, match=message):
+        check_inherit(choice, candidates)
