@@ -56,3 +56,28 @@ def test_two_ranks_read_out_the_same_keep_decisions(tmp_path):
     groups = find_channel_groups(target, torch.randn(2, 1, 28, 28))
     again, _ = decide_keep(groups, load_file(str(out / "keep_scores.safetensors")))
     assert all(torch.equal(again[name], keep[name]) for name in keep)
+
+
+def test_pipeline_on_two_ranks_cuts_the_same_inherited_channels(tmp_path):
+    """The weight-inheritance look-ahead runs on rank 0; every rank cuts what it chose (else DDP fine-tuning fails)."""
+    data_root = write_fashion_mnist(tmp_path / "fashion", n_train=400, n_test=50)
+    out = tmp_path / "run"
+    command = [
+        sys.executable, str(REPO / "tools" / "pipeline.py"), f"data.root={data_root}", f"out_dir={out}",
+        "data.val_size=100", "data.batch_size=50", "train.epochs=1", "pruner.epochs=1",
+        "pruner.calibration_samples=100", "finetune.epochs=1", "inherit.steps=3",
+        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+        "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+        "report.latency_batch_sizes=[1]", "report.latency_repeats=2",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    assert json.loads((out / "train_pruner" / "report.json").read_text())["world_size"] == 2
+    inherit = json.loads((out / "prune" / "report.json").read_text())["inherit"]
+    assert set(inherit["lookahead_accuracy"]) == {"learned", "l1", "magnitude"}
+    from pnp.core.artifacts import load_pruned
+
+    keep = json.loads((out / "prune" / "keep.json").read_text())["groups"]
+    assert load_pruned(out / "finetune" / "model").pnp_channel_spec.groups == keep
