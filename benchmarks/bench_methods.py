@@ -5,7 +5,11 @@ of FLOPs removed) the channels the method chooses, cut by the same surgery engin
 to the same FLOPs (pnp's read-out bisects its threshold to the budget), fine-tuned
 by the same schedule and evaluated the same way. Methods:
 
-    pnp        pnp's learned pruner (budget term at 1 - removed, one decision per batch)
+    pnp          pnp as shipped: the learned pruner (budget term at 1 - removed, one decision
+                 per batch), then weight inheritance at the learned widths (inherit.choice=auto:
+                 the pruner's picks, L1 or magnitude, whichever fine-tunes best in a look-ahead
+                 of inherit_steps steps on validation images)
+    pnp_learned  the learned pruner's own picks, cut as they are (inherit.choice=learned)
     l1         L1 norm of each filter (Li et al., 2017)
     bn_scale   Network Slimming: L1 sparsity training of the BN scales, then |scale|
     random     random channels
@@ -14,7 +18,7 @@ by the same schedule and evaluated the same way. Methods:
 
 Scores come from torch-pruning's importance classes (pnp.core.criteria).
 
-    python benchmarks/bench_methods.py --profile quick                  # CPU, under 50 min on 2 cores
+    python benchmarks/bench_methods.py --profile quick                  # CPU, about an hour on 2 cores
     python benchmarks/bench_methods.py --profile full --device cuda --cifar10-root DIR
     python benchmarks/bench_methods.py --models lenet5 --methods pnp l1 --budgets 0.7 --seeds 0
     python benchmarks/bench_methods.py --set resnet20.finetune_epochs=3 --set latency_repeats=20
