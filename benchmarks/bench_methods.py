@@ -456,8 +456,6 @@ def choose_pnp_with(inherit: bool):
     """
 
     def choose(bench: Bench, removed: float, device: str, out: Path) -> Choice:
-        from torch.utils.data import DataLoader, Subset
-
         from pnp.core.readout import decide_keep
         from pnp.training.inherit import choose_inheritance
         from pnp.training.pruner_module import PrunerModule
@@ -480,10 +478,9 @@ def choose_pnp_with(inherit: bool):
         if inherit:
             start = time.perf_counter()
             dm = bench.data
-            held_out = Subset(dm.val_dataset, range(min(s.inherit_eval_images, len(dm.val_dataset))))
             chosen = choose_inheritance(
                 bench.baseline, bench.groups, keep, bench.example_inputs, ("learned", "l1", "magnitude"),
-                dm.train_dataloader, DataLoader(held_out, batch_size=s.batch_size), steps=s.inherit_steps,
+                dm.train_dataloader, dm.validation_subset_dataloader(s.inherit_eval_images), steps=s.inherit_steps,
                 lr=s.finetune_lr, weight_decay=s.weight_decay, device=device, seed=bench.seed,
             )
             keep = chosen.keep

@@ -434,8 +434,6 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
     With ``inherit.choice=auto`` every candidate is cut and fine-tuned briefly on the
     same batches; rank 0's choice is used on every rank.
     """
-    from torch.utils.data import DataLoader, Subset
-
     from pnp.training.inherit import LEARNED, Inheritance, candidate_keeps, choose_inheritance
 
     c = cfg.inherit
@@ -449,8 +447,7 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
             raise ValueError(f"inherit.choice {c.choice!r} does not apply to this model: {skipped[c.choice]}")
         return keeps[c.choice], Inheritance(c.choice, keeps[c.choice]).to_dict()
     if dm.val_size:
-        held_out = Subset(dm.val_dataset, range(min(int(c.eval_samples), len(dm.val_dataset))))
-        eval_loader, evaluated_on = DataLoader(held_out, batch_size=dm.batch_size), "validation split"
+        eval_loader, evaluated_on = dm.validation_subset_dataloader(int(c.eval_samples)), "validation split"
     else:
         eval_loader, evaluated_on = dm.calibration_dataloader(min(int(c.eval_samples), len(dm.train_indices))), "training images"
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -460,10 +457,8 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
             target, groups, keep, data.example_inputs, list(c.candidates), dm.train_dataloader, eval_loader,
             steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,
         )
-        target.to("cpu")
-        chosen = (chosen.choice, {k: v.cpu() for k, v in chosen.keep.items()}, {**chosen.to_dict(), "evaluated_on": evaluated_on})
-    _, keep, record = _broadcast(chosen)
-    return keep, record
+        chosen = ({k: v.cpu() for k, v in chosen.keep.items()}, {**chosen.to_dict(), "evaluated_on": evaluated_on})
+    return _broadcast(chosen)
 
 
 def prune(

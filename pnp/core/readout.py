@@ -66,15 +66,18 @@ def _rounded_count(count: int, size: int, round_to: int, min_channels: int) -> i
     return max(floor, min(size, count))
 
 
+def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """A mask of the ``count`` highest scores (ties: earlier channels first)."""
+    keep = torch.zeros(len(scores), dtype=torch.bool)
+    keep[torch.argsort(scores, descending=True, stable=True)[:count]] = True
+    return keep
+
+
 def _decide_at(groups, scores, threshold: float, min_channels: int, round_to: int) -> dict[str, torch.Tensor]:
     keep = {}
     for g in groups:
         s = scores[g.name]
-        count = _rounded_count(int((s > threshold).sum()), g.size, round_to, min_channels)
-        order = torch.argsort(s, descending=True, stable=True)
-        k = torch.zeros(g.size, dtype=torch.bool)
-        k[order[:count]] = True
-        keep[g.name] = k
+        keep[g.name] = _top(s, _rounded_count(int((s > threshold).sum()), g.size, round_to, min_channels))
     return keep
 
 
@@ -189,7 +192,5 @@ def reselect_keep(
         s = torch.as_tensor(s).detach().float().cpu()
         if s.shape != (g.size,):
             raise ValueError(f"importance[{g.name!r}] has shape {tuple(s.shape)}; expected ({g.size},)")
-        new = torch.zeros(g.size, dtype=torch.bool)
-        new[torch.argsort(s, descending=True, stable=True)[: int(k.sum())]] = True
-        chosen[g.name], scores[g.name] = new, s
+        chosen[g.name], scores[g.name] = _top(s, int(k.sum())), s
     return legalize_keep(groups, chosen, scores)

@@ -252,6 +252,11 @@ class ClassificationDataModule(pl.LightningDataModule):
         subset = Subset(self._train_plain, self.train_indices[:num_samples])
         return self._loader(subset, batch_size=min(batch_size or self.batch_size, num_samples))
 
+    def validation_subset_dataloader(self, num_samples: int) -> DataLoader:
+        """The first ``num_samples`` images of the validation split (all of it when smaller), in a fixed order."""
+        _check_int("num_samples", num_samples, minimum=1)
+        return self._loader(Subset(self.val_dataset, range(min(num_samples, len(self.val_dataset)))))
+
     def __str__(self) -> str:
         return (
             f"ClassificationDataModule({self.name!r}, classes={self.num_classes}, input_shape={self.input_shape}, "
