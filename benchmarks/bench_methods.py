@@ -2,7 +2,8 @@
 
 For each model: one baseline per seed, then for every method and budget (fraction
 of FLOPs removed) the channels the method chooses, cut by the same surgery engine
-to the same FLOPs (pnp's read-out bisects its threshold to the budget), fine-tuned
+to the same FLOPs (each method's ranking is thresholded by bisection to the budget, then
+what is left of it filled with the best-ranked channels that fit), fine-tuned
 by the same schedule and evaluated the same way. Methods:
 
     pnp          pnp as shipped: the learned pruner (budget term at 1 - removed, one decision
@@ -66,6 +67,10 @@ class Schedule:
     test_images: int | None = None  # the first N test images; None: the whole test split
     val_size: int = 5000  # held out of the training split, as in pnp-train
     augment: bool = False
+    # after bisecting each method's threshold to the budget, add its best-ranked channels
+    # that still fit (pnp.core.readout.decide_keep(fill=True)), so every method keeps close
+    # to the same FLOPs
+    budget_fill: bool = True
     weight_decay: float = 5e-4
     baseline_epochs: int = 8
     baseline_lr: float = 0.05
@@ -473,7 +478,9 @@ def choose_pnp_with(inherit: bool):
         trainer.test(module, dataloaders=bench.data.calibration_dataloader(samples), verbose=False)
         times = {"pruner_training_s": time.perf_counter() - start}
         start = time.perf_counter()
-        keep, info = decide_keep(bench.groups, module.keep_scores, budget=1.0 - removed, metric="flops")
+        keep, info = decide_keep(
+            bench.groups, module.keep_scores, budget=1.0 - removed, metric="flops", fill=s.budget_fill
+        )
         times["readout_s"] = time.perf_counter() - start
         if inherit:
             start = time.perf_counter()
@@ -511,7 +518,9 @@ def choose_by_criterion(criterion: str, prepare: Callable | None = None):
         scores = rank_channels(scoring_copy, bench.groups, criterion, batches=batches, seed=bench.seed)
         times["scoring_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        keep, info = decide_keep(bench.groups, scores, budget=1.0 - removed, metric="flops")
+        keep, info = decide_keep(
+            bench.groups, scores, budget=1.0 - removed, metric="flops", fill=bench.schedule.budget_fill
+        )
         times["readout_s"] = time.perf_counter() - start
         return Choice(keep, info, times, source=model if prepare is not None else None)
 
@@ -585,7 +594,8 @@ def run_path(out: Path, bench: Bench, method: str, removed: float) -> Path:
 
 
 def run_settings(bench: Bench, method: str, profile: Profile) -> dict:
-    names = BASELINE_FIELDS + ("test_images", "finetune_epochs", "finetune_lr") + METHOD_FIELDS.get(method, ())
+    names = BASELINE_FIELDS + ("test_images", "budget_fill", "finetune_epochs", "finetune_lr")
+    names += METHOD_FIELDS.get(method, ())
     return {**settings_of(bench.schedule, names), "kd_weight": profile.kd_weight}
 
 

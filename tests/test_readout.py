@@ -46,6 +46,30 @@ def test_budget_is_met_by_the_pruned_model(resnet, budget):
     assert measured == pytest.approx(info["flops_fraction"], abs=0.01)
 
 
+@pytest.mark.parametrize("round_to", [1, 4])
+def test_fill_spends_what_the_threshold_left(resnet, round_to):
+    """After bisection, the best-scored channels that still fit are added until none does."""
+    from pnp.core.cost import CostModel
+
+    _, groups, _ = resnet
+    scores = random_scores(groups, 2)
+    bare, bare_info = pnp.decide_keep(groups, scores, budget=0.5, round_to=round_to, fill=False)
+    keep, info = pnp.decide_keep(groups, scores, budget=0.5, round_to=round_to)
+    assert bare_info["filled"] == 0 and info["filled"] > 0
+    assert bare_info["flops_fraction"] < info["flops_fraction"] <= 0.5
+    cost = CostModel(groups)
+    for g in groups:
+        assert bool((keep[g.name] | ~bare[g.name]).all())  # nothing the threshold kept is dropped
+        count = int(keep[g.name].sum())
+        assert count % round_to == 0 or count == g.size
+        if count < g.size:  # the next best channels of any group no longer fit
+            more = dict(keep)
+            more[g.name] = keep[g.name].clone()
+            left = scores[g.name].masked_fill(keep[g.name], -1.0)
+            more[g.name][torch.topk(left, min(round_to, g.size - count)).indices] = True
+            assert float(cost.flops_fraction(more)) > 0.5
+
+
 def test_params_budget(resnet):
     _, groups, _ = resnet
     keep, info = pnp.decide_keep(groups, random_scores(groups, 2), budget=0.3, metric="params")

@@ -129,6 +129,9 @@ class ReadoutConfig:
     round_to: int = 1
     budget: Optional[float] = None
     metric: str = "flops"
+    # with a budget: after the threshold is bisected, add the best-scored channels that
+    # still fit, so the pruned model uses the budget it was given
+    fill: bool = True
 
 
 @dataclass

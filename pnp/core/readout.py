@@ -5,7 +5,8 @@ probabilities are averaged over a calibration set (summed across processes when
 running distributed, so every rank reads out the same architecture), then
 thresholded, with a floor (``min_channels``), rounding of keep counts to
 multiples of ``round_to`` for real speed, and, optionally, the threshold bisected
-until the pruned model meets a FLOPs or params budget.
+until the pruned model meets a FLOPs or params budget, then what the budget has
+left filled with the best-scored channels that still fit.
 """
 
 from __future__ import annotations
@@ -104,14 +105,18 @@ def decide_keep(
     budget: float | None = None,
     metric: str = "flops",
     iterations: int = 64,
+    fill: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Static keep decisions from per-channel keep scores (probabilities in [0, 1]).
 
     Without ``budget`` a channel is kept when its score exceeds ``threshold``. With
     ``budget`` (fraction of ``metric`` to keep), the threshold is bisected to the
-    lowest value whose pruned model meets the budget, keeping as much as allowed.
+    lowest value whose pruned model meets the budget. One threshold stops at the
+    first channel that does not fit, which can be an expensive one (a wide early
+    convolution) with a large share of the budget still unused; ``fill`` then adds
+    the best-scored channels left out, ``round_to`` at a time, while they fit.
     Returns the decisions and ``info`` (threshold used, predicted FLOPs/params
-    fractions, adjustments made for grouped convolutions).
+    fractions, channels added by the fill, adjustments made for grouped convolutions).
     """
     if metric not in ("flops", "params"):
         raise ValueError(f"metric {metric!r} is not 'flops' or 'params'")
@@ -134,6 +139,7 @@ def decide_keep(
         keep, adjusted = legalize_keep(groups, _decide_at(groups, scores, t, min_channels, round_to), scores)
         return keep, adjusted
 
+    filled = 0
     if budget is None:
         keep, adjusted = decide(threshold)
     else:
@@ -159,15 +165,50 @@ def decide_keep(
                 else:
                     lo = mid
             threshold = hi
+        if fill:
+            keep, filled = _fill_budget(groups, scores, keep, budget, fraction, round_to)
     info = {
         "threshold": float(threshold),
         "flops_fraction": float(cost.flops_fraction(keep)),
         "params_fraction": float(cost.params_fraction(keep)),
         "channels_kept": int(sum(int(k.sum()) for k in keep.values())),
         "channels_total": groups.total_channels,
+        "filled": filled,
         "adjustments": adjusted,
     }
     return keep, info
+
+
+def _fill_budget(groups: ChannelGroups, scores, keep, budget: float, fraction, round_to: int):
+    """Add the best-scored channels not kept, ``round_to`` at a time, while ``fraction`` stays within ``budget``.
+
+    Each step takes the group whose next channel scores highest; a group whose next
+    addition does not fit is closed, since what it would cost only grows as other
+    groups widen. Groups feeding grouped convolutions keep their counts (they move a
+    block at a time). Returns the decisions and how many channels were added.
+    """
+    keep = {name: k.clone() for name, k in keep.items()}
+    open_groups = [g for g in groups if g.blocks is None and not bool(keep[g.name].all())]
+    added = 0
+    while open_groups:
+        best = None
+        for g in open_groups:
+            left = scores[g.name].masked_fill(keep[g.name], float("-inf"))
+            step = round_to if round_to > 1 and g.size >= round_to else 1
+            idx = torch.topk(left, min(step, int((~keep[g.name]).sum()))).indices
+            if best is None or left[idx[0]] > best[0]:
+                best = (left[idx[0]], g, idx)
+        _, g, idx = best
+        trial = dict(keep)
+        trial[g.name] = keep[g.name].clone()
+        trial[g.name][idx] = True
+        if float(fraction(trial)) <= budget:
+            keep, added = trial, added + len(idx)
+            if bool(keep[g.name].all()):
+                open_groups.remove(g)
+        else:
+            open_groups.remove(g)
+    return keep, added
 
 
 def reselect_keep(
