@@ -15,6 +15,16 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "constant")
 
 
+def log_step_and_epoch(module: pl.LightningModule, name: str, value: torch.Tensor, prog_bar: bool = False) -> None:
+    """Log ``<name>_step``, this process's value at every step, and ``<name>_epoch``, the epoch mean over every process.
+
+    Only the epoch mean is all-reduced: a step value synced across processes would
+    cost one collective per metric per training step.
+    """
+    module.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=prog_bar)
+    module.log(f"{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True)
+
+
 class ClassifierModule(pl.LightningModule):
     """Cross-entropy training of ``model``, optionally distilled from a frozen ``teacher``.
 
@@ -91,9 +101,9 @@ class ClassifierModule(pl.LightningModule):
             with torch.no_grad():
                 teacher_logits = self.teacher(x)
             kd = kd_loss(logits, teacher_logits, self.hparams.kd_temperature)
-            self.log("train/kd_loss", kd, on_step=True, on_epoch=True, sync_dist=True)
+            log_step_and_epoch(self, "train/kd_loss", kd)
             loss = loss + self.hparams.kd_weight * kd
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        log_step_and_epoch(self, "train/loss", loss, prog_bar=True)
         self.log("train/acc", _accuracy(logits, y), on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         return loss
 

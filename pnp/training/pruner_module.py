@@ -11,6 +11,11 @@ from pnp.core.groups import ChannelGroups
 from pnp.core.losses import PrunerLoss
 from pnp.core.pruner import PrunerNetwork
 from pnp.core.readout import KeepScores
+from pnp.training.classifier import log_step_and_epoch
+
+# the objective's terms and the names they are logged under
+_LOGGED = {"loss": "loss", "task": "task_loss", "sparsity": "sparsity_loss", "flops_kept": "flops_kept",
+           "budget": "budget_loss", "kd": "kd_loss"}
 
 
 class PrunerModule(pl.LightningModule):
@@ -89,18 +94,16 @@ class PrunerModule(pl.LightningModule):
         logits = self.gated(x, masks=masks)
         terms = self.objective(logits, y, masks, teacher)
         acc = (logits.argmax(-1) == y).float().mean() * 100.0
-        on_step = stage == "train"
-        sync = True  # epoch figures are means over every process (a no-op on one device)
-        self.log(f"{stage}/loss", terms["loss"], on_step=on_step, on_epoch=True, sync_dist=sync)
-        self.log(f"{stage}/task_loss", terms["task"], on_step=on_step, on_epoch=True, sync_dist=sync)
-        self.log(f"{stage}/sparsity_loss", terms["sparsity"], on_step=on_step, on_epoch=True, sync_dist=sync)
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=sync)
-        self.log(f"{stage}/flops_kept", terms["flops_kept"], on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=sync)
-        self.log(f"{stage}/channels_kept", terms["channels_kept"], on_step=False, on_epoch=True, sync_dist=sync)
-        if self.objective.budget is not None:
-            self.log(f"{stage}/budget_loss", terms["budget"], on_step=on_step, on_epoch=True, sync_dist=sync)
-        if self.objective.kd_weight > 0:
-            self.log(f"{stage}/kd_loss", terms["kd"], on_step=on_step, on_epoch=True, sync_dist=sync)
+        keys = ["loss", "task", "sparsity", "flops_kept"]
+        keys += ["budget"] * (self.objective.budget is not None) + ["kd"] * (self.objective.kd_weight > 0)
+        for key in keys:
+            name = f"{stage}/{_LOGGED[key]}"
+            if stage == "train":  # epoch figures are means over every process (a no-op on one device)
+                log_step_and_epoch(self, name, terms[key], prog_bar=key == "flops_kept")
+            else:
+                self.log(name, terms[key], on_epoch=True, prog_bar=key == "flops_kept", sync_dist=True)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/channels_kept", terms["channels_kept"], on_step=False, on_epoch=True, sync_dist=True)
         if stage == "val":
             n = x.shape[0]
             for name, m in masks.items():  # fraction kept, weighted by batch size
