@@ -215,6 +215,31 @@ def test_bench_methods_smoke_writes_records_table_and_plot(tmp_path):
         bench.main(argv + ["--set", "finetune_epochs=2"])
 
 
+def test_bench_methods_full_profile_runs_in_miniature(tmp_path):
+    """The GPU profile's four schedules (VGG-16-BN, ResNet-56; Fashion-MNIST and CIFAR-10) run end to end."""
+    from test_data import write_cifar
+
+    bench = _bench_module()
+    fashion = write_fashion_mnist(tmp_path / "fmnist", n_train=120, n_test=20)
+    write_cifar(tmp_path / "cifar", per_batch=24, n_test=20)
+    tiny = {
+        "batch_size": 16, "train_images": 32, "test_images": 20, "val_size": 40, "baseline_epochs": 1,
+        "finetune_epochs": 1, "pruner_epochs": 1, "calibration_images": 32, "inherit_steps": 2,
+        "inherit_eval_images": 16, "latency_repeats": 1, "latency_batch": 2,
+    }
+    out = tmp_path / "out"
+    argv = ["--profile", "full", "--data-root", str(fashion), "--cifar10-root", str(tmp_path / "cifar"),
+            "--out", str(out), "--methods", "pnp", "magnitude", "--budgets", "0.5", "--seeds", "0"]
+    results = bench.main(argv + [a for k, v in tiny.items() for a in ("--set", f"{k}={v}")])
+
+    made = {(r["model"], r["dataset"], r["method"]) for r in results["records"]}
+    assert made == {(m, d, method) for m in ("vgg16_bn", "resnet56") for d in ("fashion_mnist", "cifar10")
+                    for method in ("pnp", "magnitude")}
+    for record in results["records"]:
+        assert record["flops_kept"] <= 0.5 + 1e-6 and record["settings"]["budget_fill"] is True
+    assert "| resnet56 | cifar10 | 50% |" in (out / "table.md").read_text()
+
+
 def test_bench_methods_refuses_bad_settings(tmp_path):
     bench = _bench_module()
     for argv, message in (
