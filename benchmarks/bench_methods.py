@@ -104,13 +104,14 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    # CPU, 2 cores, an estimated 35-45 minutes: LeNet-5 on all of Fashion-MNIST, ResNet-20 on 10k images an epoch
+    # CPU: about 30 core-minutes a seed (one process per model runs them side by side on 2 cores);
+    # LeNet-5 on all of Fashion-MNIST, ResNet-20 on 10k images an epoch; pruner epochs as pnp-pipeline ships (3)
     "quick": Profile(
         schedules=(
-            Schedule("lenet5", baseline_epochs=8, finetune_epochs=3, pruner_epochs=1),
+            Schedule("lenet5", baseline_epochs=8, finetune_epochs=3, pruner_epochs=3),
             Schedule(
                 "resnet20", train_images=10_000, baseline_epochs=8, baseline_lr=0.1,
-                finetune_epochs=2, pruner_epochs=1, slim_epochs=1, slim_reg=2.5e-2, inherit_steps=60,
+                finetune_epochs=2, pruner_epochs=3, slim_epochs=1, slim_reg=2.5e-2, inherit_steps=60,
             ),
         ),
     ),
