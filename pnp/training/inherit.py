@@ -42,7 +42,7 @@ def check_inherit(choice: str, candidates: Sequence[str]) -> None:
         raise ValueError(f"inherit.choice {choice!r} is not one of {[AUTO, *valid]}")
     if choice == AUTO:
         if not candidates:
-            raise ValueError("inherit.candidates is empty: name at least one of " f"{list(valid)} for inherit.choice=auto")
+            raise ValueError(f"inherit.candidates is empty: name at least one of {list(valid)} for inherit.choice=auto")
         for name in candidates:
             if name not in valid:
                 raise ValueError(f"inherit.candidates has {name!r}, which is not one of {list(valid)}")

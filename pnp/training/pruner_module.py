@@ -95,10 +95,14 @@ class PrunerModule(pl.LightningModule):
         terms = self.objective(logits, y, masks, teacher)
         acc = (logits.argmax(-1) == y).float().mean() * 100.0
         keys = ["loss", "task", "sparsity", "flops_kept"]
-        keys += ["budget"] * (self.objective.budget is not None) + ["kd"] * (self.objective.kd_weight > 0)
+        if self.objective.budget is not None:
+            keys.append("budget")
+        if self.objective.kd_weight > 0:
+            keys.append("kd")
+        # epoch figures are means over every process (a no-op on one device)
         for key in keys:
             name = f"{stage}/{_LOGGED[key]}"
-            if stage == "train":  # epoch figures are means over every process (a no-op on one device)
+            if stage == "train":
                 log_step_and_epoch(self, name, terms[key], prog_bar=key == "flops_kept")
             else:
                 self.log(name, terms[key], on_epoch=True, prog_bar=key == "flops_kept", sync_dist=True)
