@@ -1,26 +1,28 @@
-"""Detection: a Faster R-CNN R-FPN pruned by pnp, fine-tuned with and without distillation.
+"""Detection: a whole detector pruned by pnp against a criterion, fine-tuned with and without distillation.
 
-On the composed Fashion-MNIST detection set (pnp.detection.data): train the
-baseline detector, train the pruner of its backbone with the detector's losses,
-cut the backbone to the FLOPs budget in one shot, then fine-tune the pruned
-detector once per variant (no distillation; FPN feature imitation plus RoI
-class-logit distillation) with the same schedule, and train the unpruned baseline
-on by that schedule too (the control: it has had as many iterations as the pruned
-detectors). Every detector is evaluated with detectron2's COCOEvaluator on the
-val split.
+On the composed Fashion-MNIST detection set (pnp.detection.data), for each model
+of the profile (Faster R-CNN R18-FPN, R50-FPN, RetinaNet R18-FPN): train the
+baseline detector, train the pruner of the whole detector (trunk, FPN, RPN or
+RetinaNet head, RoI box head) with the detector's losses, cut it to the FLOPs
+budget in one shot, then fine-tune the pruned detector once per variant (no
+distillation; distillation) with the same schedule. Beside it: a criterion
+(Torch-Pruning's group magnitude) read out at the same budget through the same
+surgery and fine-tuned with distillation, and the control, the unpruned baseline
+trained on by that schedule. Every detector is evaluated with detectron2's
+COCOEvaluator on the val split; FLOPs, params and CPU latency are given for the
+whole detector and for its backbone.
 
-    python benchmarks/bench_detection.py --profile quick        # CPU, under an hour on 2 cores
+    python benchmarks/bench_detection.py --profile quick        # CPU, about 40 min a model on 2 cores
     python benchmarks/bench_detection.py --profile quick --set seed=1
+    python benchmarks/bench_detection.py --profile quick --set models=retinanet:18
     python benchmarks/bench_detection.py --profile full --device cuda
-    python benchmarks/bench_detection.py --profile quick --set finetune_iters=200
 
-Every stage is seeded from the profile's ``seed`` (``--set seed=1``). Writes, under
---out (default ``benchmarks/results/detection/<profile>-s<seed>``): ``r<depth>/``
-with each stage's detector (``baseline``, ``pruned``, ``finetuned_<variant>``,
-``baseline_continued``; reused when present) and each detector's figures
-(``summaries/``), ``results.json`` (every record, the machine, the commit) and
-``table.md``. A stage whose output exists is not run again; delete the
-folder to redo it.
+The stages are pnp's own (``pnp.detection.pipeline``, what ``tools/train_net.py``
+runs), with their records: a finished stage is reused, an interrupted one resumes,
+one with other settings is refused. Writes, under --out (default
+``benchmarks/results/detection/<profile>-s<seed>``): ``<model>/`` with each
+stage's detector and each detector's figures (``summaries/``), ``results.json``
+(every record, the machine, the commit) and ``table.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -40,23 +41,27 @@ from bench_methods import environment  # noqa: E402  (this folder: the machine a
 
 from pnp.detection.checkpoint import load_pruned_detector  # noqa: E402
 from pnp.detection.pipeline import (  # noqa: E402
-    build_config, detector_summary, finetune_pruned, format_detection_table, prune_baseline, register_splits, train_backbone_pruner,
-    train_baseline,
+    build_config, criterion_scores, detector_summary, finetune_pruned, prune_baseline, register_splits,
+    train_baseline, train_detector_pruner,
 )
 from pnp.training.report import write_json_atomic, write_text_atomic  # noqa: E402
+from pnp.training.runs import read_json  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Profile:
     """Everything that decides a result; ``--set FIELD=VALUE`` overrides a field."""
 
-    depths: tuple[int, ...] = (18,)
+    models: tuple[str, ...] = ("faster_rcnn:18",)  # meta-architecture:ResNet depth
     num_images: int = 600  # composed training images; val gets a quarter
     image_size: int = 128
     ims_per_batch: int = 8
     baseline_iters: int = 600
     base_lr: float = 0.02
-    budget: float = 0.6  # fraction of backbone FLOPs kept
+    budget: float = 0.5  # fraction of the scope's FLOPs kept
+    scope: str = "detector"  # the whole detector; "backbone" leaves the heads whole
+    round_to: int = 8  # channel counts in multiples of 8, for CPU latency
+    criterion: str = "magnitude"  # the criterion row, read out and cut like pnp's
     pruner_iters: int = 100
     pruner_lr: float = 1e-3
     finetune_iters: int = 300
@@ -69,14 +74,16 @@ class Profile:
 
 PROFILES = {
     "quick": Profile(),
-    "full": Profile(depths=(18, 50), num_images=8000, image_size=256, ims_per_batch=16, baseline_iters=9000,
+    "full": Profile(models=("faster_rcnn:18", "faster_rcnn:50", "retinanet:18"), num_images=8000, image_size=256, ims_per_batch=16, baseline_iters=9000,
                     pruner_iters=1500, finetune_iters=4500, latency_repeats=20),
     "smoke": Profile(num_images=16, image_size=64, ims_per_batch=2, baseline_iters=4, pruner_iters=2,
-                     finetune_iters=2, latency_repeats=1),
+                     finetune_iters=2, latency_repeats=1, round_to=1),
 }
-VARIANTS = ("no_kd", "kd")
+# fine-tunings of the pruned detector: name -> (distil?), and the criterion's with distillation
+VARIANTS = {"no_kd": False, "kd": True}
 CONTROL = "baseline_continued"  # the folder of the control, and its key in the records
 RESULTS = Path(__file__).resolve().parent / "results" / "detection"
+META_NAMES = {"faster_rcnn": "faster_rcnn", "retinanet": "retinanet"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -99,7 +106,7 @@ def apply_overrides(profile: Profile, assignments: list[str]) -> Profile:
         current = getattr(profile, name)
         try:
             if isinstance(current, tuple):
-                value = tuple(int(v) for v in raw.split(",") if v)
+                value = tuple(v for v in raw.split(",") if v)
             else:
                 value = type(current)(raw)
         except ValueError:
@@ -108,8 +115,19 @@ def apply_overrides(profile: Profile, assignments: list[str]) -> Profile:
     return profile
 
 
-def stage_config(profile: Profile, depth: int, datasets: tuple[str, str], out: Path, device: str):
-    cfg = build_config(*datasets, depth=depth, image_size=profile.image_size, output_dir=out)
+def parse_model(text: str) -> tuple[str, int]:
+    arch, _, depth = text.partition(":")
+    if arch not in META_NAMES or not depth.isdigit():
+        raise SystemExit(f"--set models: {text!r} is not META:DEPTH with META one of {sorted(META_NAMES)} (e.g. faster_rcnn:18)")
+    return arch, int(depth)
+
+
+def model_name(arch: str, depth: int) -> str:
+    return f"{arch}_R{depth}_FPN"
+
+
+def stage_config(profile: Profile, arch: str, depth: int, datasets: tuple[str, str], out: Path, device: str):
+    cfg = build_config(*datasets, depth=depth, image_size=profile.image_size, output_dir=out, meta_architecture=arch)
     cfg.defrost()
     cfg.MODEL.DEVICE = device
     cfg.SEED = profile.seed
@@ -117,54 +135,46 @@ def stage_config(profile: Profile, depth: int, datasets: tuple[str, str], out: P
     cfg.SOLVER.MAX_ITER = profile.baseline_iters
     cfg.SOLVER.BASE_LR = profile.base_lr
     cfg.SOLVER.STEPS = (int(profile.baseline_iters * 0.75),)
-    cfg.SOLVER.CHECKPOINT_PERIOD = 10**9  # the stage's detector is saved at its end
-    cfg.TEST.EVAL_PERIOD = 0  # evaluated once, in the report
+    cfg.TEST.EVAL_PERIOD = 0  # evaluated once, in the summaries
     return cfg
 
 
-def _timed(done: Path, run, durations: dict, key: str) -> None:
-    if done.exists():
-        print(f"[detection] {key}: found {done}, reused", flush=True)
-        return
-    start = time.perf_counter()
-    run()
-    durations[key] = round(time.perf_counter() - start, 1)
-    print(f"[detection] {key}: {durations[key]:.0f} s", flush=True)
-
-
-def run_depth(profile: Profile, depth: int, datasets: tuple[str, str], out: Path, device: str) -> list[dict]:
+def run_model(profile: Profile, arch: str, depth: int, datasets: tuple[str, str], out: Path, device: str) -> list[dict]:
+    """Every stage of one model (each reused when finished); its records, one per fine-tuned variant."""
     out.mkdir(parents=True, exist_ok=True)
-    cfg = stage_config(profile, depth, datasets, out, device)
-    times_path = out / "durations.json"
-    durations = json.loads(times_path.read_text()) if times_path.is_file() else {}
-    _timed(out / "baseline" / "channels.json", lambda: train_baseline(cfg, out), durations, "train")
-    _timed(out / "pruner" / "keep_scores.json",
-           lambda: train_backbone_pruner(cfg, out, profile.pruner_iters, profile.budget, lr=profile.pruner_lr),
-           durations, "prune-train")
-    _timed(out / "pruned" / "channels.json", lambda: prune_baseline(cfg, out, profile.budget), durations, "prune")
-    write_json_atomic(times_path, durations)
+    cfg = stage_config(profile, arch, depth, datasets, out, device)
+    kd = {"kd_fpn": profile.kd_fpn, "kd_cls": profile.kd_cls if arch == "faster_rcnn" else 0.0}
+    schedule = {"max_iter": profile.finetune_iters, "base_lr": profile.finetune_lr}
+    readout = {"round_to": profile.round_to}
+    train_baseline(cfg, out)
+    train_detector_pruner(cfg, out, profile.pruner_iters, profile.budget, lr=profile.pruner_lr, scope=profile.scope)
+    prune_baseline(cfg, out, profile.budget, scope=profile.scope, **readout)
+    criterion = f"pruned_{profile.criterion}"
+    if not (out / criterion).is_dir():
+        scores = criterion_scores(cfg, out, profile.criterion, scope=profile.scope)
+        prune_baseline(cfg, out, profile.budget, scope=profile.scope, scores=scores, name=criterion, **readout)
+    # every fine-tuning by the same schedule, and the control: the unpruned baseline trained on,
+    # so that the pruned detectors' extra iterations are not mistaken for a gain from pruning
+    finetune_pruned(cfg, out, source="baseline", name=CONTROL, **schedule)
+    for variant, distil in VARIANTS.items():
+        finetune_pruned(cfg, out, **(kd if distil else {}), source="pruned", name=f"finetuned_{variant}", **schedule)
+    finetune_pruned(cfg, out, **kd, source=criterion, name=f"finetuned_{profile.criterion}_kd", **schedule)
 
-    # every fine-tuning by the same schedule: the pruned detector once per variant, and
-    # the control, the unpruned baseline trained on, so that the pruned detectors'
-    # extra iterations are not mistaken for a gain from pruning
-    runs = {CONTROL: ("baseline", 0.0, 0.0, "control")}
-    for variant in VARIANTS:
-        kd = (profile.kd_fpn, profile.kd_cls) if variant == "kd" else (0.0, 0.0)
-        runs[f"finetuned_{variant}"] = ("pruned", *kd, f"finetune-{variant}")
-    for name, (source, kd_fpn, kd_cls, key) in runs.items():
-        _timed(out / name / "channels.json",
-               lambda: finetune_pruned(cfg, out, kd_fpn, kd_cls, profile.finetune_iters, profile.finetune_lr,
-                                       source=source, name=name),
-               durations, key)
-        write_json_atomic(times_path, durations)
+    names = ["baseline", CONTROL, "pruned", criterion, *(f"finetuned_{v}" for v in VARIANTS), f"finetuned_{profile.criterion}_kd"]
+    summaries = {name: summarize(out, name, cfg, profile.latency_repeats) for name in names}
+    seconds = stage_seconds(out)
+    rows = [("pnp", variant, "pruned", f"finetuned_{variant}") for variant in VARIANTS]
+    rows.append((profile.criterion, "kd", criterion, f"finetuned_{profile.criterion}_kd"))
+    return [record(summaries, seconds, model_name(arch, depth), method, variant, before, after, profile)
+            for method, variant, before, after in rows]
 
-    summaries = {name: summarize(out, name, cfg, profile.latency_repeats) for name in ("baseline", "pruned", *runs)}
-    records = []
-    for variant in VARIANTS:
-        report = {k: summaries[k] for k in ("baseline", "pruned")} | {"finetuned": summaries[f"finetuned_{variant}"]}
-        print(f"\n[detection] R{depth}-FPN, fine-tuned {variant}:\n{format_detection_table(report)}\n", flush=True)
-        records.append(record(report, summaries[CONTROL], depth, variant, profile, durations))
-    return records
+
+def stage_seconds(out: Path) -> dict[str, float]:
+    """Wall time of each finished stage, from its record."""
+    times = {}
+    for report in sorted((out / "logs").glob("*/report.json")):
+        times[report.parent.name] = read_json(report).get("time_s")
+    return times
 
 
 def summarize(out: Path, name: str, cfg, repeats: int) -> dict:
@@ -180,17 +190,29 @@ def summarize(out: Path, name: str, cfg, repeats: int) -> dict:
     return json.loads(path.read_text())
 
 
-def record(report: dict, control: dict, depth: int, variant: str, profile: Profile, durations: dict) -> dict:
-    base, pruned, tuned = report["baseline"], report["pruned"], report["finetuned"]
+def record(summaries: dict, seconds: dict, model: str, method: str, variant: str, before: str, after: str,
+           profile: Profile) -> dict:
+    base, pruned, tuned, control = summaries["baseline"], summaries[before], summaries[after], summaries[CONTROL]
+    selection = ["pruner", "pruned"] if method == "pnp" else [before]
     return {
-        "model": f"faster_rcnn_R{depth}_FPN", "variant": variant, "seed": profile.seed,
-        "budget": round(1.0 - tuned["backbone_flops"] / base["backbone_flops"], 4),  # backbone FLOPs removed
+        "model": model, "method": method, "variant": variant, "seed": profile.seed, "scope": profile.scope,
+        "budget": profile.budget,
+        "flops_removed": round(1.0 - tuned["flops"] / base["flops"], 4),
+        "backbone_flops_removed": round(1.0 - tuned["backbone_flops"] / base["backbone_flops"], 4),
+        "latency_speedup": _ratio(base, tuned, "detector_ms"),
+        "backbone_latency_speedup": _ratio(base, tuned, "backbone_ms"),
         "baseline": _figures(base), "pruned": _figures(pruned), "finetuned": _figures(tuned),
         "baseline_continued": _figures(control),
         "ap_change": _change(tuned, base), "ap_change_vs_continued": _change(tuned, control),
-        "wall_s": {k: v for k, v in durations.items()
-                   if k in ("train", "prune-train", "prune") or k == f"finetune-{variant}"},
+        "readout": pruned.get("readout"),
+        "wall_s": {"train": seconds.get("baseline"), "selection": sum(seconds.get(s) or 0.0 for s in selection),
+                   "finetune": seconds.get(after)},
     }
+
+
+def _ratio(base: dict, tuned: dict, key: str) -> float | None:
+    b, t = (base.get("latency") or {}).get(key), (tuned.get("latency") or {}).get(key)
+    return round(b / t, 3) if b and t else None
 
 
 def _change(after: dict, before: dict) -> float | None:
@@ -203,20 +225,23 @@ def _figures(summary: dict) -> dict:
 
 
 def format_table(records: list[dict]) -> str:
-    header = ["model", "detector", "AP", "AP50", "AP75", "backbone GFLOPs", "params (M)", "backbone ms",
+    header = ["model", "detector", "AP", "AP50", "GFLOPs", "backbone GFLOPs", "params (M)", "ms", "backbone ms",
               "AP vs baseline", "AP vs control"]
     rows, seen = [], set()
     for r in records:
-        stages = [(f"pruned, fine-tuned {r['variant']}", r["finetuned"])]
+        label = "pnp" if r["method"] == "pnp" else f"{r['method']} (criterion)"
+        stages = [(f"{label}, fine-tuned {r['variant']}", r["finetuned"])]
+        if r["method"] != "pnp" or r["variant"] == "no_kd":
+            stages[:0] = [(f"{label}, before fine-tuning", r["pruned"])]
         if r["model"] not in seen:
-            stages[:0] = [("baseline", r["baseline"]), ("baseline trained on (control)", r["baseline_continued"]),
-                          ("pruned, before fine-tuning", r["pruned"])]
+            stages[:0] = [("baseline", r["baseline"]), ("baseline trained on (control)", r["baseline_continued"])]
             seen.add(r["model"])
         for name, f in stages:
             versus = [("" if f is ref else _signed(_change(f, ref))) for ref in (r["baseline"], r["baseline_continued"])]
-            rows.append([r["model"], name, _num(f["AP"]), _num(f["AP50"]), _num(f["AP75"]),
+            latency = f["latency_ms"] or {}
+            rows.append([r["model"], name, _num(f["AP"]), _num(f["AP50"]), f"{f['flops'] / 1e9:.3f}",
                          f"{f['backbone_flops'] / 1e9:.3f}", f"{f['params'] / 1e6:.2f}",
-                         _num((f["latency_ms"] or {}).get("backbone_ms")), *versus])
+                         _num(latency.get("detector_ms")), _num(latency.get("backbone_ms")), *versus])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -238,17 +263,22 @@ def main(argv=None) -> dict:
     out = Path(args.out) if args.out else RESULTS / f"{args.profile}-s{profile.seed}"
     dataset_dir = Path(args.dataset_dir) if args.dataset_dir else (out / "data" if args.out else RESULTS / "data")
     datasets = register_splits(dataset_dir, profile.num_images, profile.image_size, args.fashion_root)
+    models = [parse_model(text) for text in profile.models]
     settings_path = out / "settings.json"
-    settings = json.loads(json.dumps(asdict(profile)))  # as stored: tuples become lists
+    settings = {k: v for k, v in json.loads(json.dumps(asdict(profile))).items() if k != "models"}  # as stored
     if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
         raise SystemExit(f"{out} holds results made with other settings ({settings_path}); pass another --out")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(settings_path, settings)
 
-    records = []
-    for depth in profile.depths:
-        records += run_depth(profile, depth, datasets, out / f"r{depth}", args.device)
-    results = {"profile": args.profile, "settings": asdict(profile), "environment": environment(args.device),
+    for arch, depth in models:
+        directory = out / model_name(arch, depth)
+        records = run_model(profile, arch, depth, datasets, directory, args.device)
+        write_json_atomic(directory / "records.json", {"environment": environment(args.device), "records": records})
+    # every model measured in this folder so far, each with the machine and commit it ran on
+    runs = [read_json(p) for p in sorted(out.glob("*/records.json"))]
+    records = [r for run in runs for r in run["records"]]
+    results = {"profile": args.profile, "settings": settings, "environments": [run["environment"] for run in runs],
                "records": records}
     write_json_atomic(out / "results.json", results)
     table = format_table(records)

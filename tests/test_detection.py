@@ -240,17 +240,21 @@ def test_r18_fpn_backbone_prunes_its_norms_and_counts_its_convolutions(randomize
     assert pnp.count_flops_params(pruned, x).flops == pytest.approx(float(pnp.CostModel(groups).flops(keep)), rel=1e-6)
 
 
-# --------------------------------------------------------------------------- pruning the detector's backbone
+# --------------------------------------------------------------------------- pruning the whole detector
 
 from pnp.detection.checkpoint import DetectorCheckpointError, load_pruned_detector, save_pruned_detector  # noqa: E402
 from pnp.detection.engine import DetectionTrainer, evaluate_detector, train_pruner  # noqa: E402
 from pnp.detection.pipeline import register_splits  # noqa: E402
 from pnp.detection.pruning import (  # noqa: E402
-    backbone_keep_scores,
-    decide_backbone_keep,
+    DenseDetector,
+    decide_detector_keep,
+    dense_example,
+    detector_keep_scores,
     example_image_batch,
-    find_backbone_groups,
+    find_detector_groups,
+    kept_feature_channels,
     prune_detector,
+    pruned_config,
 )
 
 
@@ -262,12 +266,14 @@ def det_datasets(train_split, fashion_root):
             register_coco("pnp_test_prune_val", val.image_root, val.json_file))
 
 
-def small_cfg(datasets, depth=18, **solver):
+def small_cfg(datasets, depth=18, meta_architecture="faster_rcnn", **solver):
     cfg = detector_config(depth=depth, image_size=64, fpn_channels=32, train_datasets=[datasets[0]],
-                          test_datasets=[datasets[1]])
+                          test_datasets=[datasets[1]], meta_architecture=meta_architecture)
     cfg.SOLVER.IMS_PER_BATCH = 2
     cfg.SOLVER.WARMUP_ITERS = 0
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0  # an untrained detector still predicts boxes to evaluate
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 50
     for key, value in solver.items():
         setattr(cfg.SOLVER, key, value)
     return cfg
@@ -281,18 +287,59 @@ def pruned_setup(det_datasets, randomize_norms):
     detector = build_detector(cfg)
     randomize_norms(detector.backbone)
     detector.eval()
-    groups = find_backbone_groups(detector, 64)
+    groups = find_detector_groups(detector, 64)
     keep = pnp.keep_from_ratio(groups, 0.6, generator=torch.Generator().manual_seed(0))
     return cfg, detector, groups, keep, prune_detector(detector, groups, keep).eval()
+
+
+WHOLE_DETECTOR_GROUPS = {
+    "backbone.bottom_up.res2.0.conv1",  # a block's internal channels
+    "backbone.bottom_up.res3.0.shortcut",  # a stage's channels, with the FPN lateral reading them
+    "backbone.fpn_lateral5",  # the laterals, coupled across levels by the top-down additions
+    "backbone.fpn_output5",  # the pyramid, coupled with the RPN head and the RoI box head
+    "proposal_generator.rpn_head.conv",
+    "roi_heads.box_head.fc1",
+    "roi_heads.box_head.fc2",
+}
+
+
+def test_whole_detector_groups_reach_fpn_rpn_and_box_head(pruned_setup):
+    _, detector, groups, _, _ = pruned_setup
+    assert WHOLE_DETECTOR_GROUPS <= set(groups.names)
+    pyramid = groups["backbone.fpn_output5"]
+    assert set(pyramid.producers) == {f"backbone.fpn_output{k}" for k in (2, 3, 4, 5)}
+    assert set(pyramid.consumers) == {"proposal_generator.rpn_head.conv", "roi_heads.box_head.fc1"}
+    # only the layers whose outputs are predictions are left out, each with its reason
+    assert set(groups.excluded) == {"proposal_generator.rpn_head.objectness_logits", "proposal_generator.rpn_head.anchor_deltas",
+                                    "roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"}
+    assert all("output" in why for why in groups.excluded.values())
+    # the cost model counts every level of the shared RPN head and every RoI of the box head
+    counted = pnp.count_flops_params(DenseDetector(detector), dense_example(detector, 64)).flops
+    assert pnp.CostModel(groups).full_flops == pytest.approx(counted, rel=1e-6)
+
+
+def test_backbone_scope_keeps_the_heads_and_budgets_the_backbone(pruned_setup):
+    _, detector, _, _, _ = pruned_setup
+    groups = find_detector_groups(detector, 64, scope="backbone")
+    assert {"backbone.bottom_up.res2.0.conv1", "backbone.fpn_lateral5"} <= set(groups.names)
+    assert not any(n.startswith(("proposal_generator", "roi_heads")) or "fpn_output" in n for n in groups.names)
+    assert "ignored layer" in groups.excluded["backbone.fpn_output5"]
+    scores = {g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(1)) for g in groups}
+    keep, info = decide_detector_keep(groups, scores, budget=0.5, scope="backbone")
+    pruned = prune_detector(detector, groups, keep)
+    x = example_image_batch(detector, 64)
+    before, after = (pnp.count_flops_params(m.backbone, x).flops for m in (detector, pruned))
+    assert 0.45 * before < after <= 0.5 * before  # the budget is on the backbone's FLOPs
+    assert info["scope"] == "backbone" and pruned.roi_heads.box_head.fc1.in_features == 32 * 49
+    with pytest.raises(ValueError, match="scope 'neck'"):
+        find_detector_groups(detector, 64, scope="neck")
 
 
 def test_pruner_trains_on_detection_losses_and_reads_out_within_budget(det_datasets):
     torch.manual_seed(0)
     cfg = small_cfg(det_datasets)
     detector = build_detector(cfg).eval()
-    groups = find_backbone_groups(detector, 64)
-    assert {"bottom_up.res2.0.conv1", "bottom_up.res3.0.shortcut", "fpn_lateral2"} <= set(groups.names)
-    assert all("fpn_output" in name for name in groups.excluded)  # the heads' inputs keep their width
+    groups = find_detector_groups(detector, 64)
     detector_before = {k: v.clone() for k, v in detector.state_dict().items()}
     from pnp.detection.pruning import build_detection_pruner
 
@@ -302,14 +349,36 @@ def test_pruner_trains_on_detection_losses_and_reads_out_within_budget(det_datas
     pruner = train_pruner(cfg, detector, groups, iterations=2, lr=1e-2, loss={"budget": 0.5})
     assert not torch.allclose(pruner.head.linear.weight, head_before)  # the pruner learned
     assert all(torch.equal(v, detector.state_dict()[k]) for k, v in detector_before.items())  # the detector did not
-    assert not any(m._forward_pre_hooks for m in detector.backbone.modules())  # gates taken off
+    assert not any(m._forward_pre_hooks for m in detector.modules())  # gates taken off
 
     from detectron2.data import build_detection_test_loader
 
-    scores = backbone_keep_scores(detector, pruner, groups, build_detection_test_loader(cfg, det_datasets[0]), 4)
-    keep, info = decide_backbone_keep(groups, scores, budget=0.5)
+    scores = detector_keep_scores(detector, pruner, groups, build_detection_test_loader(cfg, det_datasets[0]), 4)
+    keep, info = decide_detector_keep(groups, scores, budget=0.5, round_to=4)
     assert info["flops_fraction"] <= 0.5 and float(pnp.CostModel(groups).flops_fraction(keep)) <= 0.5
     assert info["flops_fraction"] > 0.4  # keeps as much as the budget allows
+    assert all(int(k.sum()) % 4 == 0 for name, k in keep.items() if groups[name].size >= 4)
+
+
+def test_gates_on_the_whole_detector_act_in_training(det_datasets):
+    """A gated channel of the pyramid or the box head changes the detector's losses: the pruner sees what it cuts."""
+    torch.manual_seed(0)
+    cfg = small_cfg(det_datasets)
+    detector = build_detector(cfg)
+    groups = find_detector_groups(detector, 64)
+    gate = pnp.GatedModel(DenseDetector(detector), groups)
+    batch = next(iter(build_detection_train_loader(cfg)))
+    detector.train()
+    losses = {}
+    for name in (None, "backbone.fpn_output5", "roi_heads.box_head.fc2"):
+        masks = {} if name is None else {name: torch.zeros(groups[name].size).index_fill(0, torch.tensor([0]), 1.0)}
+        torch.manual_seed(2)  # the same proposals are sampled each time
+        with EventStorage(), gate.masked(masks), torch.no_grad():
+            losses[name] = detector(batch)
+    gate.remove()
+    assert losses["backbone.fpn_output5"]["loss_rpn_cls"] != losses[None]["loss_rpn_cls"]
+    assert losses["roi_heads.box_head.fc2"]["loss_cls"] != losses[None]["loss_cls"]
+    assert losses["roi_heads.box_head.fc2"]["loss_rpn_cls"] == losses[None]["loss_rpn_cls"]
 
 
 def test_surgery_gives_a_detector_whose_shapes_match_its_layers(pruned_setup):
@@ -323,10 +392,17 @@ def test_surgery_gives_a_detector_whose_shapes_match_its_layers(pruned_setup):
     assert {k: v.shape[1] for k, v in bottom.items()} == {k: declared[k].channels for k in bottom}
     assert bottom["res3"].shape[1] < 128  # stage channels (shared with the FPN lateral) were cut
     fpn = pruned.backbone.output_shape()
-    assert {k: (v.shape[1], v.shape[2] * fpn[k].stride) for k, v in features.items()} == {k: (32, 64) for k in original}
-    assert {k: v.channels for k, v in fpn.items()} == {k: v.shape[1] for k, v in original.items()}  # heads unchanged
-    assert pnp.count_flops_params(pruned.backbone, x).flops < 0.8 * pnp.count_flops_params(detector.backbone, x).flops
-    assert pruned.roi_heads.box_head.fc1.weight.shape == detector.roi_heads.box_head.fc1.weight.shape
+    width = int(keep["backbone.fpn_output5"].sum())
+    assert width < 32 and {k: (v.shape[1], fpn[k].channels) for k, v in features.items()} == {k: (width, width) for k in original}
+    heads = pruned.roi_heads.box_head
+    assert pruned.proposal_generator.rpn_head.conv.in_channels == width and heads.fc1.in_features == width * 49
+    assert heads.fc2.in_features == heads.fc1.out_features < 1024 and heads.output_shape.channels == heads.fc2.out_features
+    assert pruned.roi_heads.box_predictor.cls_score.in_features == heads.fc2.out_features
+    slim = pruned_config(cfg, pruned)  # the config's width fields say what the layers are
+    assert slim.MODEL.FPN.OUT_CHANNELS == width
+    assert slim.MODEL.RPN.CONV_DIMS == [pruned.proposal_generator.rpn_head.conv.out_channels]
+    counted = pnp.count_flops_params(DenseDetector(pruned), dense_example(detector, 64)).flops
+    assert counted == pytest.approx(float(pnp.CostModel(groups).flops(keep)), rel=1e-6)
     assert detector.backbone.bottom_up.res3[0].conv1.out_channels == 128  # the original is untouched
     with torch.no_grad():
         (out,) = pruned([{"image": torch.rand(3, 64, 80) * 255, "height": 32, "width": 40}])
@@ -338,8 +414,13 @@ def test_pruned_detector_reloads_with_identical_outputs(pruned_setup, tmp_path):
     directory = save_pruned_detector(pruned, cfg, tmp_path / "pruned")
     assert sorted(p.name for p in directory.iterdir()) == ["channels.json", "config.yaml", "model.safetensors"]
     loaded = load_pruned_detector(directory, cfg=cfg, dataset=cfg.DATASETS.TRAIN[0])
-    assert loaded.backbone.pnp_channel_spec.modules == pruned.backbone.pnp_channel_spec.modules
+    assert loaded.pnp_channel_spec.modules == pruned.pnp_channel_spec.modules
+    assert loaded.backbone.output_shape() == pruned.backbone.output_shape()
     assert loaded.backbone.bottom_up.output_shape() == pruned.backbone.bottom_up.output_shape()
+    from pnp.detection.checkpoint import config_from_text
+
+    written = config_from_text((directory / "config.yaml").read_text())
+    assert written.MODEL.FPN.OUT_CHANNELS == loaded.backbone.fpn_output2.out_channels < cfg.MODEL.FPN.OUT_CHANNELS
     image = [{"image": torch.rand(3, 64, 64) * 255}]
     with torch.no_grad():
         expected, actual = pruned(image)[0]["instances"], loaded(image)[0]["instances"]
@@ -356,6 +437,7 @@ def test_finetuning_with_distillation_adds_finite_kd_losses(pruned_setup, tmp_pa
     import copy
 
     student = copy.deepcopy(pruned)
+    assert kept_feature_channels(student)["p6"] == kept_feature_channels(student)["p2"]  # P6 pools P5
     teacher_before = {k: v.clone() for k, v in detector.state_dict().items()}
     trainer = DetectionTrainer(cfg, model=student, teacher=detector, kd_fpn=1.0, kd_cls=1.0)
     trainer.train()
@@ -365,7 +447,7 @@ def test_finetuning_with_distillation_adds_finite_kd_losses(pruned_setup, tmp_pa
         assert len(values) == 2 and all(math.isfinite(v) for v in values), key
     assert trainer.student is student and not torch.equal(
         student.backbone.bottom_up.stem.conv1.weight, pruned.backbone.bottom_up.stem.conv1.weight)
-    assert list(tmp_path.glob("events.out.tfevents.*")) and not list(tmp_path.glob("*.pth"))  # TensorBoard, no pickles
+    assert list(tmp_path.glob("events.out.tfevents.*"))  # TensorBoard
     assert all(torch.equal(v, detector.state_dict()[k]) for k, v in teacher_before.items())  # teacher frozen
 
 
@@ -390,7 +472,7 @@ def test_checkpoint_with_other_categories_is_refused(pruned_setup, tmp_path, tra
     other = tmp_path / "three.json"
     other.write_text(json.dumps(coco))
     name = register_coco("pnp_test_three_classes", train_split.image_root, other)
-    with pytest.raises(DetectorCheckpointError, match="3 categories.*NUM_CLASSES=10"):
+    with pytest.raises(DetectorCheckpointError, match="3 categories.*10 classes"):
         load_pruned_detector(directory, dataset=name)
     renamed = dict(coco, categories=[dict(c, name=f"x{c['id']}") for c in load(train_split.json_file)["categories"]])
     (tmp_path / "renamed.json").write_text(json.dumps(renamed))
@@ -408,28 +490,144 @@ def test_checkpoint_from_another_backbone_is_refused(pruned_setup, tmp_path):
         load_pruned_detector(directory, cfg=r50)
 
 
-def test_train_net_runs_every_stage_and_reports(tmp_path, fashion_root):
+def test_checkpoint_of_another_meta_architecture_is_refused(pruned_setup, tmp_path):
+    cfg, _, _, _, pruned = pruned_setup
+    directory = save_pruned_detector(pruned, cfg, tmp_path / "pruned")
+    retina = small_cfg((cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST[0]), meta_architecture="retinanet")
+    with pytest.raises(DetectorCheckpointError, match="META_ARCHITECTURE='GeneralizedRCNN'.*META_ARCHITECTURE='RetinaNet'"):
+        load_pruned_detector(directory, cfg=retina)
+
+
+def test_retinanet_shared_head_is_pruned_exactly_trains_and_reloads(det_datasets, randomize_norms, tmp_path):
+    """RetinaNet's subnets are shared by P3-P7 (P6/P7 made from res5): one coupled group per subnet layer."""
+    torch.manual_seed(0)
+    cfg = small_cfg(det_datasets, meta_architecture="retinanet")
+    detector = build_detector(cfg)
+    randomize_norms(detector.backbone)
+    detector.eval()
+    groups = find_detector_groups(detector, 64)
+    pyramid = next(g for g in groups if "backbone.fpn_output5" in g.producers)
+    assert {"backbone.top_block.p6", "backbone.top_block.p7"} <= set(pyramid.producers)
+    assert {"head.cls_subnet.0", "head.bbox_subnet.0", "backbone.top_block.p7"} <= set(pyramid.consumers)
+    assert {"head.cls_subnet.0", "head.bbox_subnet.6"} <= set(groups.names)
+    assert set(groups.excluded) == {"head.cls_score", "head.bbox_pred"}
+    keep = pnp.keep_from_ratio(groups, 0.5, generator=torch.Generator().manual_seed(0))
+    pruned = prune_detector(detector, groups, keep).eval()  # verified against the gated original
+    width = int(keep[pyramid.name].sum())
+    assert {v.channels for v in pruned.backbone.output_shape().values()} == {width}
+    assert pruned.head.cls_subnet[0].in_channels == width and pruned.head.cls_subnet[0].out_channels < 32
+
+    cfg = cfg.clone()
+    cfg.SOLVER.MAX_ITER = 1
+    cfg.DATASETS.TEST = ()
+    cfg.OUTPUT_DIR = str(tmp_path / "logs")
+    trainer = DetectionTrainer(cfg, model=pruned, teacher=detector, kd_fpn=1.0)
+    trainer.train()
+    assert math.isfinite(trainer.storage.history("loss_kd_fpn").latest())
+    with pytest.raises(ValueError, match="no RoI box head"):
+        DetectionTrainer(cfg, model=pruned, teacher=detector, kd_cls=1.0)
+    pruned.eval()
+    directory = save_pruned_detector(pruned, cfg, tmp_path / "retina")
+    loaded = load_pruned_detector(directory, cfg=cfg, dataset=cfg.DATASETS.TRAIN[0])
+    image = [{"image": torch.rand(3, 64, 64) * 255}]
+    with torch.no_grad():
+        expected, actual = pruned(image)[0]["instances"], loaded(image)[0]["instances"]
+    assert len(expected) > 0 and torch.equal(expected.pred_boxes.tensor, actual.pred_boxes.tensor)
+
+
+def _train_net():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_net", Path(__file__).parents[1] / "tools" / "train_net.py")
     train_net = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_net)
+    return train_net
+
+
+def test_train_net_runs_every_stage_reports_and_skips_what_is_done(tmp_path, fashion_root, capsys):
     out = tmp_path / "run"
-    train_net.main([
+    argv = [
         "--dataset-dir", str(tmp_path / "data"), "--num-images", "6", "--fashion-root", str(fashion_root),
         "--output-dir", str(out), "--image-size", "64", "--pruner-iters", "2", "--budget", "0.5", "--kd-fpn", "1",
         "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0", "MODEL.FPN.OUT_CHANNELS", "32",
-    ])
+        "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+    ]
+    assert _train_net().main(argv) == 0
     report = load(out / "report.json")
     assert {"baseline", "pruned", "finetuned"} <= set(report)
     for stage in ("baseline", "pruned", "finetuned"):
         assert {"AP", "AP50", "AP75", "backbone_flops", "flops", "params", "latency"} <= set(report[stage])
-    assert report["pruned"]["backbone_flops"] <= 0.5 * report["baseline"]["backbone_flops"]
+    readout = report["pruned"]["readout"]
+    assert readout["scope"] == "detector" and 0.4 < readout["flops_fraction"] <= 0.5  # of the whole detector
+    assert report["pruned"]["flops"] < 0.7 * report["baseline"]["flops"]
     assert report["finetuned"]["params"] == report["pruned"]["params"] < report["baseline"]["params"]
     assert list(out.glob("logs/finetuned/events.out.tfevents.*"))  # TensorBoard
+    assert not list(out.glob("logs/*/*.pth"))  # resume points go when a stage finishes
+
+    # the same command again: every stage is found finished and reused
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")}
+    capsys.readouterr()
+    assert _train_net().main(argv) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")} == stamps
+    # a changed setting is refused (exit 2, a message), not run over the finished results
+    assert _train_net().main([*argv[:-2], "MODEL.RPN.POST_NMS_TOPK_TEST", "60"]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/model.safetensors")} == stamps
 
 
-def test_detection_benchmark_compares_distillation_and_reuses_its_stages(tmp_path, fashion_root):
+def test_train_net_refuses_bad_input_with_a_message(tmp_path, capsys):
+    assert _train_net().main(["--dataset-dir", str(tmp_path / "none"), "--budget", "1.5"]) == 2
+    assert "--budget 1.5" in capsys.readouterr().err
+    assert _train_net().main(["--dataset-dir", str(tmp_path / "none")]) == 2
+    assert "instances_train.json" in capsys.readouterr().err
+    from pnp.detection.pipeline import build_config
+
+    bad = tmp_path / "bad.yaml"
+    marker = tmp_path / "ran"
+    bad.write_text(f"MODEL: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ValueError, match="bad.yaml.*not plain YAML"):
+        build_config("train", "val", config_file=str(bad))
+    assert not marker.exists()  # the file's code never ran
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS 'w.pkl' is a pickle"):
+        build_config("train", "val", opts=["MODEL.WEIGHTS", "w.pkl"])
+
+
+def test_an_interrupted_detection_stage_resumes_from_its_checkpoint(tmp_path, fashion_root):
+    """SIGKILL the baseline stage after its first periodic checkpoint; the same command resumes, not restarts."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    command = [
+        sys.executable, str(Path(__file__).parents[1] / "tools" / "train_net.py"), "--stage", "train",
+        "--dataset-dir", str(tmp_path / "data"), "--num-images", "6", "--fashion-root", str(fashion_root),
+        "--output-dir", str(out), "--image-size", "64", "SOLVER.MAX_ITER", "40", "SOLVER.CHECKPOINT_PERIOD", "3",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0", "MODEL.FPN.OUT_CHANNELS", "16", "SEED", "0",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tag = out / "logs" / "baseline" / "last_checkpoint"
+    deadline = time.monotonic() + 120
+    while not tag.is_file() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert tag.is_file() and not (out / "baseline").exists()
+    resumed_from = tag.read_text().strip()
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"resuming stage 'baseline' from" in second.stdout and resumed_from in second.stdout
+    assert (out / "baseline" / "model.safetensors").is_file() and not tag.exists()
+    checkpoint_iteration = int(resumed_from[len("model_"):-len(".pth")])
+    assert f"Starting training from iteration {checkpoint_iteration + 1}" in second.stdout + second.stderr
+    logged = [json.loads(line) for line in (out / "logs" / "baseline" / "metrics.json").read_text().splitlines()]
+    assert max(r["iteration"] for r in logged if "total_loss" in r) == 39
+
+
+def test_detection_benchmark_compares_pnp_with_a_criterion_and_reuses_its_stages(tmp_path, fashion_root):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_detection", Path(__file__).parents[1] / "benchmarks" / "bench_detection.py")
@@ -441,20 +639,24 @@ def test_detection_benchmark_compares_distillation_and_reuses_its_stages(tmp_pat
             "--set", "num_images=6", "--set", "budget=0.5"]
     results = bench.main(argv)
 
-    assert [r["variant"] for r in results["records"]] == ["no_kd", "kd"]
+    assert [(r["method"], r["variant"]) for r in results["records"]] == [("pnp", "no_kd"), ("pnp", "kd"), ("magnitude", "kd")]
     for r in results["records"]:
-        assert r["model"] == "faster_rcnn_R18_FPN" and r["budget"] >= 0.5
+        assert r["model"] == "faster_rcnn_R18_FPN" and r["scope"] == "detector"
+        assert r["readout"]["flops_fraction"] <= 0.5 and r["flops_removed"] > 0.3  # of the whole detector
         assert r["finetuned"]["params"] == r["pruned"]["params"] < r["baseline"]["params"]
-        assert {"AP", "AP50", "AP75", "backbone_flops", "latency_ms"} <= set(r["finetuned"])
-        assert {"train", "prune-train", "prune", f"finetune-{r['variant']}"} == set(r["wall_s"])
+        assert {"AP", "AP50", "AP75", "backbone_flops", "flops", "latency_ms"} <= set(r["finetuned"])
+        assert r["latency_speedup"] > 0 and r["backbone_latency_speedup"] > 0
+        assert r["wall_s"]["selection"] > 0 and r["wall_s"]["finetune"] > 0
         assert r["baseline_continued"]["params"] == r["baseline"]["params"] and "ap_change_vs_continued" in r
-    assert results["environment"]["torch"] == torch.__version__
+    assert results["environments"][0]["torch"] == torch.__version__
     table = (out / "table.md").read_text()
-    assert "fine-tuned no_kd" in table and "fine-tuned kd" in table and "pruned, before fine-tuning" in table
-    assert "baseline trained on (control)" in table
+    assert "pnp, fine-tuned no_kd" in table and "pnp, fine-tuned kd" in table and "pnp, before fine-tuning" in table
+    assert "magnitude (criterion), fine-tuned kd" in table and "baseline trained on (control)" in table
 
-    # a second run finds every detector on disk and trains nothing
-    tuned = [out / "r18" / name / "channels.json" for name in ("finetuned_no_kd", "finetuned_kd", "baseline_continued")]
+    # a second run finds every stage finished and trains nothing
+    model = out / "faster_rcnn_R18_FPN"
+    tuned = [model / name / "model.safetensors" for name in ("finetuned_no_kd", "finetuned_kd", "finetuned_magnitude_kd",
+                                                              "baseline_continued")]
     stamps = [p.stat().st_mtime_ns for p in tuned]
     assert bench.main(argv)["records"] == results["records"]
     assert [p.stat().st_mtime_ns for p in tuned] == stamps

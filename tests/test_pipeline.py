@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from pnp.cli.config import config_dir, register_schemas
 from pnp.cli.main import run
-from pnp.cli.runs import StageConflictError
+from pnp.training.runs import StageConflictError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

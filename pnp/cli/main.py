@@ -18,7 +18,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pnp.cli.config import ConfigError, InputError, config_dir, register_schemas, validate
 from pnp.cli.loading import read_keep_file
-from pnp.cli.runs import StageConflictError, StageDir, is_global_zero
+from pnp.training.runs import StageConflictError, StageDir, is_global_zero
 from pnp.training.report import write_json_atomic, write_text_atomic
 
 REPORT_FILE = "report.json"

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pnp.cli.config import ConfigError, InputError
 from pnp.cli.loading import MODEL_DIR, load_pruned_model, load_target
-from pnp.cli.runs import StageDir, is_global_zero
+from pnp.training.runs import StageDir, is_global_zero
 from pnp.core.artifacts import load_pruned, save_pruned
 from pnp.training.report import write_text_atomic
 

@@ -118,11 +118,14 @@ def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[La
     ``flows`` maps ``(module name, call index)`` of parameter-free layers (activations,
     pooling) to the ``(group name, root indices)`` of the channels they carry, as
     :func:`pnp.core.groups.find_channel_groups` finds them; without it such layers
-    count as unchanged by pruning. Weighted layers are counted at their first call.
+    count as unchanged by pruning. A weighted layer called several times (a head shared
+    by the levels of a feature pyramid) is one entry whose FLOPs add up its calls.
+    Costs are per sample of the example batch (the first tensor's first dimension),
+    so a layer that sees many rows per sample (a detector's RoI head) counts them all.
     """
     from pnp.core.groups import IN, OUT, run_model
 
-    shapes: dict[tuple[str, int], tuple] = {}
+    shapes: dict[tuple[str, int], list[tuple]] = {}
     calls: dict[str, int] = {}
     names = {m: n for n, m in model.named_modules()}
     handles = []
@@ -131,10 +134,9 @@ def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[La
         name = names[module]
         call = calls.get(name, 0)
         calls[name] = call + 1
-        if call and _counted_kind(module) != ELEMENTWISE:
-            return
         out = output[0] if isinstance(output, (tuple, list)) else output
-        shapes[(name, call)] = (tuple(args[0].shape), tuple(out.shape))
+        key = (name, call if _counted_kind(module) == ELEMENTWISE else 0)
+        shapes.setdefault(key, []).append((tuple(args[0].shape), tuple(out.shape)))
 
     for module in model.modules():
         if _counted_kind(module) is not None:
@@ -162,25 +164,26 @@ def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[La
 
     costs = []
     modules = dict(model.named_modules())
-    for (name, call), (in_shape, out_shape) in shapes.items():
+    batch = _batch_size(example_inputs)
+    for (name, call), seen in shapes.items():
         module = modules[name]
         kind = _counted_kind(module)
-        batch = in_shape[0] if in_shape else 1
+        in_shape, out_shape = seen[0]
         kernel, grp, affine = 1.0, 1, False
         if kind == LINEAR:
             n_in, n_out = module.in_features, module.out_features
-            spatial = max(1.0, _numel(out_shape) / (batch * n_out))
+            spatial = sum(max(1.0, _numel(o) / (batch * n_out)) for _, o in seen)
         elif kind == NORM:
             n_out, affine = _norm_channels(module)
             n_in = n_out
-            spatial = _numel(out_shape) / (batch * n_out)
+            spatial = sum(_numel(o) / (batch * n_out) for _, o in seen)
         elif kind == ELEMENTWISE:
             counted = in_shape if isinstance(module, _PER_INPUT_ELEMENT) else out_shape
             n_in = n_out = counted[1] if len(counted) > 1 else 1
             spatial = _numel(counted) / (batch * n_out)
         else:
             n_in, n_out = module.in_channels, module.out_channels
-            spatial = _numel(out_shape) / (batch * n_out)
+            spatial = sum(_numel(o) / (batch * n_out) for _, o in seen)
             kernel = float(torch.tensor(module.kernel_size).prod())
             grp = module.groups
         side_terms = {}
@@ -328,9 +331,16 @@ class CostModel:
 
     def per_layer_flops(self, masks) -> dict[str, float]:
         """FLOPs per module (summed over its calls), for one mask per group."""
-        per_layer = self._layer_flops(*self._layer_counts(self._joined(self._checked(masks))))
+        return self._per_layer(self._layer_flops, masks)
+
+    def per_layer_params(self, masks) -> dict[str, float]:
+        """Parameters per module, for one mask per group."""
+        return self._per_layer(self._layer_params, masks)
+
+    def _per_layer(self, measure, masks) -> dict[str, float]:
+        per_layer = measure(*self._layer_counts(self._joined(self._checked(masks))))
         if per_layer.dim() != 1:
-            raise ValueError("per_layer_flops takes one mask per group (shape [size]), not a batch of masks")
+            raise ValueError("per-layer costs take one mask per group (shape [size]), not a batch of masks")
         out: dict[str, float] = {}
         for layer, value in zip(self.layers, per_layer.tolist()):
             out[layer.module] = out.get(layer.module, 0.0) + value

@@ -3,10 +3,14 @@
 :func:`save_pruned_detector` writes a pruned (or unpruned) detector with
 :func:`pnp.save_pruned`: ``model.safetensors``, and ``channels.json`` whose builder
 rebuilds the original detector from the saved detectron2 config and whose module
-entries are the backbone's kept channels. ``config.yaml`` beside them is the same
-config, for people and ``--config-file``. :func:`load_pruned_detector` rebuilds,
+entries are the kept channels of every pruned layer (backbone, FPN, heads).
+``config.yaml`` beside them is the config of the pruned detector, for people and
+``--config-file``: its width fields (``MODEL.FPN.OUT_CHANNELS``, ``MODEL.RPN.CONV_DIMS``,
+``MODEL.ROI_BOX_HEAD.FC_DIM`` where one width fits every layer) are the pruned
+layers' widths. :func:`load_pruned_detector` rebuilds,
 shrinks and loads without unpickling anything, and refuses a checkpoint whose
-backbone or categories do not match what the caller's config or dataset expects.
+meta-architecture, backbone or categories do not match what the caller's config or
+dataset expects.
 """
 
 from __future__ import annotations
@@ -22,12 +26,11 @@ import torch.nn as nn
 from pnp.core.artifacts import CHANNELS_FILE, ArtifactError, load_pruned, save_pruned
 from pnp.core.surgery import ChannelSpec
 from pnp.detection.compat import import_detectron2
-from pnp.detection.pruning import sync_output_shapes
+from pnp.detection.pruning import pruned_config, sync_output_shapes
 from pnp.training.report import write_text_atomic
 
 BUILDER = "pnp.detection.checkpoint:detector_from_config"
 CONFIG_FILE = "config.yaml"
-BACKBONE_PREFIX = "backbone."
 
 
 class DetectorCheckpointError(ArtifactError):
@@ -66,19 +69,13 @@ def save_pruned_detector(
     (default: the metadata of ``cfg.DATASETS.TRAIN[0]`` when registered) is stored
     so that loading can check a dataset's categories.
     """
-    spec = getattr(model.backbone, "pnp_channel_spec", None) or ChannelSpec({}, {}, {}, {})
-    detector_spec = ChannelSpec(
-        modules={BACKBONE_PREFIX + name: sides for name, sides in spec.modules.items()},
-        groups=spec.groups,
-        group_sizes=spec.group_sizes,
-        adjustments=spec.adjustments,
-    )
+    spec = getattr(model, "pnp_channel_spec", None) or ChannelSpec({}, {}, {}, {})
     if thing_classes is None:
         thing_classes = _dataset_classes(cfg.DATASETS.TRAIN[0]) if len(cfg.DATASETS.TRAIN) else None
-    num_classes = int(cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    num_classes = num_classes_of(cfg)
     if thing_classes is not None and len(thing_classes) != num_classes:
         raise DetectorCheckpointError(
-            f"thing_classes has {len(thing_classes)} names but MODEL.ROI_HEADS.NUM_CLASSES is {num_classes}; "
+            f"thing_classes has {len(thing_classes)} names but {classes_field(cfg)} is {num_classes}; "
             "pass the class names the detector was trained on"
         )
     info = {
@@ -89,11 +86,20 @@ def save_pruned_detector(
     }
     text = cfg.dump()
     directory = save_pruned(
-        model, directory, builder=BUILDER, builder_kwargs={"config": text}, spec=detector_spec,
+        model, directory, builder=BUILDER, builder_kwargs={"config": text}, spec=spec,
         metadata=info, overwrite=overwrite,
     )
-    write_text_atomic(directory / CONFIG_FILE, text)
+    write_text_atomic(directory / CONFIG_FILE, pruned_config(cfg, model).dump())
     return directory
+
+
+def classes_field(cfg) -> str:
+    """The config field that holds the number of classes of ``cfg``'s meta-architecture."""
+    return "MODEL.RETINANET.NUM_CLASSES" if cfg.MODEL.META_ARCHITECTURE == "RetinaNet" else "MODEL.ROI_HEADS.NUM_CLASSES"
+
+
+def num_classes_of(cfg) -> int:
+    return int(cfg.MODEL.RETINANET.NUM_CLASSES if cfg.MODEL.META_ARCHITECTURE == "RetinaNet" else cfg.MODEL.ROI_HEADS.NUM_CLASSES)
 
 
 def saved_config(directory: str | os.PathLike):
@@ -126,7 +132,7 @@ def load_pruned_detector(
     another depth or a different number of classes is refused. With ``dataset`` (a
     registered detectron2 dataset name), categories that differ from the ones the
     checkpoint was trained on are refused. The model carries ``pnp_config`` (the
-    saved config), ``pnp_metadata`` and ``backbone.pnp_channel_spec``.
+    saved config), ``pnp_metadata`` and ``pnp_channel_spec`` (names as in the detector).
     """
     saved = saved_config(directory)
     if cfg is not None:
@@ -134,26 +140,19 @@ def load_pruned_detector(
     model = load_pruned(directory, map_location=map_location)
     metadata = model.pnp_metadata
     if dataset is not None:
-        check_categories(metadata.get("thing_classes"), int(saved.MODEL.ROI_HEADS.NUM_CLASSES), dataset, directory)
-    spec = model.pnp_channel_spec
-    del model.pnp_channel_spec
-    model.backbone.pnp_channel_spec = ChannelSpec(
-        modules={name[len(BACKBONE_PREFIX):]: sides for name, sides in spec.modules.items()},
-        groups=spec.groups,
-        group_sizes=spec.group_sizes,
-        adjustments=spec.adjustments,
-    )
-    sync_output_shapes(model.backbone)
+        check_categories(metadata.get("thing_classes"), num_classes_of(saved), dataset, directory)
+    sync_output_shapes(model)
     saved.MODEL.DEVICE = str(torch.device(map_location))
     model.pnp_config = saved
     return model
 
 
 _ARCHITECTURE_FIELDS = (
+    ("MODEL.META_ARCHITECTURE", lambda c: c.MODEL.META_ARCHITECTURE),
     ("MODEL.RESNETS.DEPTH", lambda c: int(c.MODEL.RESNETS.DEPTH)),
     ("MODEL.BACKBONE.NAME", lambda c: c.MODEL.BACKBONE.NAME),
     ("MODEL.FPN.OUT_CHANNELS", lambda c: int(c.MODEL.FPN.OUT_CHANNELS)),
-    ("MODEL.ROI_HEADS.NUM_CLASSES", lambda c: int(c.MODEL.ROI_HEADS.NUM_CLASSES)),
+    ("number of classes", num_classes_of),
 )
 
 
@@ -162,9 +161,10 @@ def check_same_architecture(saved, cfg, directory) -> None:
     for field, read in _ARCHITECTURE_FIELDS:
         have, want = read(saved), read(cfg)
         if have != want:
-            what = "backbone" if field != "MODEL.ROI_HEADS.NUM_CLASSES" else "box predictor"
+            if field == "number of classes":
+                field = classes_field(cfg)
             raise DetectorCheckpointError(
-                f"checkpoint {str(directory)!r} has a {what} with {field}={have!r}, but the config asks for "
+                f"checkpoint {str(directory)!r} was saved with {field}={have!r}, but the config asks for "
                 f"{field}={want!r}; use a checkpoint of this architecture or set {field} {have!r}"
             )
 
@@ -177,7 +177,7 @@ def check_categories(thing_classes, num_classes: int, dataset: str, directory="t
     if len(names) != num_classes:
         raise DetectorCheckpointError(
             f"dataset {dataset!r} has {len(names)} categories but checkpoint {str(directory)!r} predicts "
-            f"MODEL.ROI_HEADS.NUM_CLASSES={num_classes}; use a checkpoint trained on this dataset's categories"
+            f"{num_classes} classes; use a checkpoint trained on this dataset's categories"
         )
     if thing_classes is not None and list(thing_classes) != list(names):
         diff = [(i, a, b) for i, (a, b) in enumerate(zip(thing_classes, names)) if a != b]

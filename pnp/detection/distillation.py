@@ -4,8 +4,9 @@ detectron2's trainer minimises the sum of the model's loss dict, so distillation
 is a model wrapper, not a change to the loop: :class:`DistillingDetector` runs the
 student as it is, listens (forward hooks) to the inputs and outputs it needs, and
 adds ``loss_kd_fpn`` (MSE between the student's and the frozen teacher's FPN
-features, which keep their width under pruning) and ``loss_kd_cls`` (KL between
-the RoI box head's class logits of both, on the student's sampled proposals).
+features; where pruning narrowed the pyramid, the teacher's channels the student
+kept) and ``loss_kd_cls`` (KL between the RoI box head's class logits of both, on
+the student's sampled proposals; R-CNN detectors only).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from pnp.core.losses import feature_distillation_loss, kd_loss
+from pnp.detection.pruning import kept_feature_channels
 
 
 class DistillingDetector(nn.Module):
@@ -32,6 +34,9 @@ class DistillingDetector(nn.Module):
                 raise ValueError(f"{field} {value} must be >= 0")
         if float(kd_fpn) == 0 and float(kd_cls) == 0:
             raise ValueError("kd_fpn and kd_cls are both 0: nothing to distil; train the student without the wrapper")
+        if float(kd_cls) > 0 and not hasattr(student, "roi_heads"):
+            raise ValueError(f"kd_cls {kd_cls}: {type(student).__name__} has no RoI box head whose class logits could "
+                             "be distilled; use kd_fpn alone")
         self.student = student
         self.teacher = teacher.eval().requires_grad_(False)
         self.kd_fpn = float(kd_fpn)
@@ -41,10 +46,13 @@ class DistillingDetector(nn.Module):
 
     def _check_features(self) -> None:
         s, t = self.student.backbone.output_shape(), self.teacher.backbone.output_shape()
-        if {k: v.channels for k, v in s.items()} != {k: v.channels for k, v in t.items()}:
+        self.channels = {k: torch.tensor(v) for k, v in kept_feature_channels(self.student).items()}
+        expected = {k: (len(self.channels[k]) if k in self.channels else v.channels) for k, v in t.items()}
+        if {k: v.channels for k, v in s.items()} != expected:
             raise ValueError(
-                f"student FPN features {({k: v.channels for k, v in s.items()})} and teacher features "
-                f"{({k: v.channels for k, v in t.items()})} differ; distil from the unpruned detector of the same config"
+                f"student FPN features {({k: v.channels for k, v in s.items()})} do not match the teacher's "
+                f"{({k: v.channels for k, v in t.items()})} and the channels its pruning kept; distil from the "
+                "unpruned detector of the same config"
             )
 
     @property
@@ -68,7 +76,7 @@ class DistillingDetector(nn.Module):
         if self.kd_fpn > 0:
             names = sorted(features)
             losses["loss_kd_fpn"] = self.kd_fpn * feature_distillation_loss(
-                [features[n] for n in names], [teacher_features[n] for n in names]
+                [features[n] for n in names], [self._kept(n, teacher_features[n]) for n in names]
             )
         if self.kd_cls > 0:
             heads = self.teacher.roi_heads
@@ -77,6 +85,10 @@ class DistillingDetector(nn.Module):
                 teacher_logits, _ = heads.box_predictor(heads.box_head(pooled))
             losses["loss_kd_cls"] = self.kd_cls * kd_loss(seen["logits"], teacher_logits, self.temperature)
         return losses
+
+    def _kept(self, name: str, feature: torch.Tensor) -> torch.Tensor:
+        index = self.channels.get(name)
+        return feature if index is None else feature.index_select(1, index.to(feature.device))
 
 
 @contextlib.contextmanager

@@ -1,11 +1,12 @@
-"""Training in detectron2's trainers: the detector (baseline, fine-tuning) and the backbone pruner.
+"""Training in detectron2's trainers: the detector (baseline, fine-tuning) and the detector's pruner.
 
 :class:`DetectionTrainer` is detectron2's ``DefaultTrainer`` for a model handed
 over (a pruned detector) instead of one built from the config, optionally
 wrapped in :class:`DistillingDetector`; it evaluates with ``COCOEvaluator``
-(``use_fast_impl=False``: no compiled ops needed) and writes TensorBoard events.
-:func:`train_pruner` runs detectron2's ``SimpleTrainer`` on the pruner's objective
-with the same hooks. Neither rewrites the loop.
+(``use_fast_impl=False``: no compiled ops needed), writes TensorBoard events and
+periodic checkpoints (``SOLVER.CHECKPOINT_PERIOD``) that ``resume_or_load`` resumes
+from. :func:`train_pruner` runs detectron2's ``SimpleTrainer`` on the pruner's
+objective with the same hooks, checkpoints and resume. Neither rewrites the loop.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pnp.detection.distillation import DistillingDetector
 from pnp.detection.pruning import DetectionPrunerObjective, build_detection_pruner, pruner_optimizer, summed_detection_losses
 
 import_detectron2()
+from detectron2.checkpoint import Checkpointer  # noqa: E402
 from detectron2.data import build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, SimpleTrainer, hooks  # noqa: E402
 from detectron2.engine.defaults import default_writers  # noqa: E402
@@ -45,8 +47,9 @@ def evaluate_detector(model: nn.Module, cfg, dataset: str, output_dir: str | Non
 class DetectionTrainer(DefaultTrainer):
     """``DefaultTrainer`` for ``model`` (default: built from ``cfg``), distilled from ``teacher`` if given.
 
-    Checkpoints are written by :func:`pnp.detection.checkpoint.save_pruned_detector`
-    (safetensors), so detectron2's pickled periodic checkpoints are left out.
+    The stage's result is written by :func:`pnp.detection.checkpoint.save_pruned_detector`
+    (safetensors); detectron2's periodic checkpoints serve only to resume an
+    interrupted run (torch reads them back with ``weights_only=True``).
     """
 
     def __init__(self, cfg, model: nn.Module | None = None, teacher: nn.Module | None = None,
@@ -66,9 +69,6 @@ class DetectionTrainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return coco_evaluator(dataset_name, output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
 
-    def build_hooks(self):
-        return [h for h in super().build_hooks() if not isinstance(h, hooks.PeriodicCheckpointer)]
-
     @property
     def student(self) -> nn.Module:
         """The detector being trained, without its distillation or DDP wrappers."""
@@ -87,6 +87,7 @@ def train_pruner(
     pruner: Mapping | None = None,
     output_dir: str | None = None,
     log_period: int = 20,
+    checkpoint_period: int | None = None,
 ) -> PrunerNetwork:
     """Train a backbone pruner for ``iterations`` steps on ``cfg.DATASETS.TRAIN``; return it.
 
@@ -94,7 +95,9 @@ def train_pruner(
     ...) and ``pruner`` :class:`PrunerNetwork` arguments (``temperature``,
     ``init_keep``, ``noise``, ``mask_mode``). The detector is frozen. With
     ``output_dir`` the pruner's losses and kept fractions go to its
-    ``metrics.json`` and TensorBoard events.
+    ``metrics.json`` and TensorBoard events, and with ``checkpoint_period`` the
+    pruner, its optimizer and schedule are checkpointed there every that many steps;
+    a run that finds such a checkpoint resumes from it.
     """
     if int(iterations) < 1:
         raise ValueError(f"pruner iterations {iterations} must be >= 1")
@@ -106,12 +109,18 @@ def train_pruner(
     trainer = SimpleTrainer(objective, build_detection_train_loader(cfg), optimizer)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(iterations))
     steps = [hooks.IterationTimer(), hooks.LRScheduler(optimizer, schedule)]
+    start = 0
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
+        if checkpoint_period:
+            checkpointer = Checkpointer(objective.pruner, output_dir, optimizer=optimizer, scheduler=schedule)
+            if checkpointer.has_checkpoint():
+                start = int(checkpointer.resume_or_load("", resume=True).get("iteration", -1)) + 1
+            steps.append(hooks.PeriodicCheckpointer(checkpointer, int(checkpoint_period), max_iter=int(iterations)))
         steps.append(hooks.PeriodicWriter(default_writers(output_dir, int(iterations)), period=log_period))
     trainer.register_hooks(steps)
     try:
-        trainer.train(0, int(iterations))
+        trainer.train(start, int(iterations))
     finally:
         objective.gate.remove()
     network.eval()

@@ -1,8 +1,8 @@
-"""Faster R-CNN detectors with a ResNet + FPN backbone, configured in code.
+"""Faster R-CNN and RetinaNet detectors with a ResNet + FPN backbone, configured in code.
 
 The installed detectron2 lacks its model-zoo YAML files and no pretrained
 weights can be fetched here, so :func:`detector_config` writes the Faster R-CNN
-R-FPN recipe onto ``get_cfg()`` itself, for training from scratch: the whole
+R-FPN and RetinaNet R-FPN recipes onto ``get_cfg()`` itself, for training from scratch: the whole
 backbone learns (``FREEZE_AT=0``) and uses trainable BatchNorm, which pnp's
 channel groups and surgery can prune (detectron2's ``FrozenBN`` cannot be).
 """
@@ -20,6 +20,9 @@ DEPTHS = (18, 34, 50, 101)
 FASHION_DETECTION_PIXEL_MEAN = (24.2, 24.2, 24.2)
 FASHION_DETECTION_PIXEL_STD = (60.9, 60.9, 60.9)
 FPN_LEVELS = ("res2", "res3", "res4", "res5")
+RETINANET_LEVELS = ("res3", "res4", "res5")
+# meta-architectures pnp configures: name -> detectron2's META_ARCHITECTURE
+META_ARCHITECTURES = {"faster_rcnn": "GeneralizedRCNN", "retinanet": "RetinaNet"}
 
 
 def detector_config(
@@ -33,17 +36,21 @@ def detector_config(
     pixel_std: Sequence[float] = FASHION_DETECTION_PIXEL_STD,
     train_datasets: Sequence[str] = (),
     test_datasets: Sequence[str] = (),
+    meta_architecture: str = "faster_rcnn",
 ):
-    """A detectron2 ``CfgNode`` for Faster R-CNN with a ResNet-``depth`` + FPN backbone, from scratch.
+    """A detectron2 ``CfgNode`` for a ResNet-``depth`` + FPN detector trained from scratch.
 
-    Images are resized so their shorter side is ``image_size`` (train and test);
-    ``anchor_sizes`` gives one anchor size per FPN level (P2-P6), suited to objects
-    of a small image. Proposal and RoI counts are cut down from the COCO recipe so
+    ``meta_architecture`` is ``"faster_rcnn"`` or ``"retinanet"``. Images are resized
+    so their shorter side is ``image_size`` (train and test); ``anchor_sizes`` gives
+    one anchor size per pyramid level (P2-P6 for Faster R-CNN, P3-P7 for RetinaNet,
+    which adds two more scales per octave), suited to objects of a small image. Proposal and RoI counts are cut down from the COCO recipe so
     a step is quick on a CPU; the remaining ``cfg`` fields are detectron2's defaults.
     """
     import_detectron2()
     from detectron2.config import get_cfg
 
+    if meta_architecture not in META_ARCHITECTURES:
+        raise ValueError(f"meta_architecture={meta_architecture!r} is not one of {list(META_ARCHITECTURES)}")
     if depth not in DEPTHS:
         raise ValueError(f"depth={depth!r} is not a ResNet depth detectron2 builds; use one of {list(DEPTHS)}")
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -51,7 +58,7 @@ def detector_config(
     if not isinstance(image_size, int) or image_size < 32:
         raise ValueError(f"image_size={image_size!r} must be an integer of at least 32 pixels")
     if len(anchor_sizes) != 5:
-        raise ValueError(f"anchor_sizes={list(anchor_sizes)} needs one size per FPN level P2-P6 (5 values)")
+        raise ValueError(f"anchor_sizes={list(anchor_sizes)} needs one size per pyramid level (5 values)")
     for field, value in (("pixel_mean", pixel_mean), ("pixel_std", pixel_std)):
         if len(value) != 3:
             raise ValueError(f"{field}={list(value)} needs one value per BGR channel (3 values)")
@@ -92,6 +99,9 @@ def detector_config(
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 512
     cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
 
+    if meta_architecture == "retinanet":
+        _retinanet(cfg, num_classes, anchor_sizes)
+
     cfg.INPUT.MIN_SIZE_TRAIN = (image_size,)
     cfg.INPUT.MAX_SIZE_TRAIN = 4 * image_size
     cfg.INPUT.MIN_SIZE_TEST = image_size
@@ -102,7 +112,20 @@ def detector_config(
     cfg.SOLVER.IMS_PER_BATCH = 8
     cfg.SOLVER.BASE_LR = 0.02
     cfg.SOLVER.WARMUP_ITERS = 100
+    cfg.SOLVER.CHECKPOINT_PERIOD = 100  # resume points of an interrupted stage (removed when it finishes)
     return cfg
+
+
+def _retinanet(cfg, num_classes: int, anchor_sizes: Sequence[int]) -> None:
+    """RetinaNet on P3-P7 (P6 and P7 from res5), its head shared by every level."""
+    cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
+    cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
+    cfg.MODEL.RESNETS.OUT_FEATURES = list(RETINANET_LEVELS)
+    cfg.MODEL.FPN.IN_FEATURES = list(RETINANET_LEVELS)
+    cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[float(s) * 2 ** (i / 3) for i in range(3)] for s in anchor_sizes]
+    cfg.MODEL.RETINANET.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 500
 
 
 def build_detector(cfg) -> nn.Module:

@@ -3,9 +3,16 @@
 Each stage reads what the previous one wrote under one output directory:
 ``baseline/`` (the trained detector), ``pruner/`` (the pruner's weights and its
 averaged keep scores), ``pruned/`` (the detector after surgery), ``finetuned/``
-(after fine-tuning), ``logs/<stage>/`` (metrics.json, TensorBoard events) and
-``report.json`` with the before/after figures. Every
-detector directory is a :func:`save_pruned_detector` checkpoint (safetensors).
+(after fine-tuning), ``logs/<stage>/`` (metrics.json, TensorBoard events, the
+stage's record and, while it trains, detectron2's periodic checkpoints) and
+``report.json`` with the before/after figures. Every detector directory is a
+:func:`save_pruned_detector` checkpoint (safetensors).
+
+Like the classification stages, each stage is recorded (:class:`pnp.training.runs.StageDir`):
+one that finished with the same settings and the same inputs (by content) is
+skipped, one that was interrupted resumes from its last periodic checkpoint
+(detectron2's ``resume_or_load``), and one whose settings or inputs changed is
+refused rather than overwritten.
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ from pnp.detection.compat import import_detectron2
 from pnp.detection.data import compose_fashion_mnist_detection, coco_split_paths, register_coco
 from pnp.detection.engine import DetectionTrainer, evaluate_detector, train_pruner
 from pnp.detection.modeling import detector_config
-from pnp.detection.pruning import decide_backbone_keep, find_backbone_groups, prune_detector
+from pnp.detection.pruning import decide_detector_keep, find_detector_groups, prune_detector
 from pnp.training.report import format_count, render_table, write_json_atomic
+from pnp.training.runs import StageDir, is_global_zero
 
 STAGES = ("train", "prune-train", "prune", "finetune")
 SCORES_FILE = "keep_scores.json"
@@ -56,15 +64,26 @@ def register_splits(dataset_dir: str | Path, num_images: int | None = None, imag
 
 
 def build_config(train_dataset: str, test_dataset: str, depth: int = 18, image_size: int = 128,
-                 config_file: str | None = None, opts: Sequence[str] = (), output_dir: str | Path = "output"):
-    """pnp's Faster R-CNN recipe (:func:`detector_config`), then ``config_file``, then ``opts`` overrides."""
-    cfg = detector_config(depth=depth, image_size=image_size, train_datasets=[train_dataset], test_datasets=[test_dataset])
+                 config_file: str | None = None, opts: Sequence[str] = (), output_dir: str | Path = "output",
+                 meta_architecture: str = "faster_rcnn"):
+    """pnp's detector recipe (:func:`detector_config`), then ``config_file``, then ``opts`` overrides."""
+    cfg = detector_config(depth=depth, image_size=image_size, train_datasets=[train_dataset], test_datasets=[test_dataset],
+                          meta_architecture=meta_architecture)
     if config_file:
         if not Path(config_file).is_file():
             raise FileNotFoundError(f"--config-file {config_file!r} does not exist")
-        cfg.merge_from_file(str(config_file))
+        import yaml
+
+        try:
+            cfg.merge_from_file(str(config_file), allow_unsafe=False)  # plain YAML: no Python tags, no code
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--config-file {config_file!r} is not plain YAML ({exc.__class__.__name__}: "
+                             f"{str(exc).splitlines()[0]}); write detectron2 fields as plain values") from None
     cfg.merge_from_list(list(opts))
     cfg.OUTPUT_DIR = str(output_dir)
+    if str(cfg.MODEL.WEIGHTS).endswith(".pkl"):
+        raise ValueError(f"MODEL.WEIGHTS {cfg.MODEL.WEIGHTS!r} is a pickle, which loading would execute; "
+                         "convert it to a .pth state dict or a pnp checkpoint directory")
     return cfg
 
 
@@ -88,53 +107,193 @@ def _stage_cfg(cfg, out: Path, stage: str, max_iter: int | None = None, base_lr:
     return cfg
 
 
+# config fields that say where or how fast a stage runs, not what it learns
+_RUN_FIELDS = ("OUTPUT_DIR", "MODEL.DEVICE", "DATALOADER.NUM_WORKERS")
+
+
+def stage_settings(cfg, **extra) -> dict:
+    """What decides a stage's result: the detectron2 config (without where it runs) and the stage's own arguments."""
+    import yaml
+
+    config = yaml.safe_load(cfg.dump())
+    for dotted in _RUN_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for key in parents:
+            node = node.get(key, {})
+        node.pop(leaf, None)
+    return {"detectron2": config, **extra}
+
+
+def content_digest(*paths: Path) -> str:
+    """sha256 of the files (or every file of the directories) given, in order: what a stage read."""
+    h = hashlib.sha256()
+    for path in paths:
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _dataset_files(cfg) -> list[Path]:
+    import_detectron2()
+    from detectron2.data import MetadataCatalog
+
+    return [Path(MetadataCatalog.get(name).json_file) for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST)
+            if getattr(MetadataCatalog.get(name), "json_file", None)]
+
+
+def run_stage(out: Path, name: str, product: Path, settings: dict, inputs: Sequence[Path], run) -> Path:
+    """Run stage ``name`` (``run()`` writes ``product``) unless it finished with these settings and inputs.
+
+    The record lives in ``out/logs/<name>``, which is also the stage's detectron2
+    output folder: an interrupted stage finds its periodic checkpoints there and
+    resumes. A stage run before with other settings or inputs is refused
+    (:class:`pnp.training.runs.StageConflictError`), so no result is silently replaced.
+    """
+    digests = {str(Path(p).relative_to(out)) if Path(p).is_relative_to(out) else str(p): content_digest(p) for p in inputs}
+    stage = StageDir(out / "logs" / name, name, {**settings, "inputs": digests})
+    state = stage.check()
+    if state == "done" and product.exists():
+        print(f"[pnp] stage {name!r} already finished with these settings; reusing {product}", flush=True)
+        return product
+    if _resume_checkpoint(stage.path) is not None and is_global_zero():
+        print(f"[pnp] resuming stage {name!r} from {_resume_checkpoint(stage.path)}", flush=True)
+    start = time.perf_counter()
+    stage.start()
+    run()
+    _synchronize()  # every process reads what rank 0 wrote
+    _drop_resume_checkpoints(stage.path)
+    stage.finish({"time_s": round(time.perf_counter() - start, 2), "product": str(product)})
+    return product
+
+
+def _synchronize() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _resume_checkpoint(directory: Path) -> Path | None:
+    tag = directory / "last_checkpoint"
+    if not tag.is_file():
+        return None
+    path = directory / tag.read_text().strip()
+    return path if path.is_file() else None
+
+
+def _drop_resume_checkpoints(directory: Path) -> None:
+    """A finished stage's result is its safetensors checkpoint; the pickled resume points go."""
+    if not is_global_zero():
+        return
+    for path in [*directory.glob("model_*.pth"), directory / "last_checkpoint"]:
+        path.unlink(missing_ok=True)
+
+
 def train_baseline(cfg, out: str | Path) -> Path:
     """Train the detector ``cfg`` describes; write ``out/baseline``."""
     out = Path(out)
     cfg = _stage_cfg(cfg, out, "baseline")
-    trainer = DetectionTrainer(cfg)
-    trainer.train()
-    return save_pruned_detector(trainer.student, cfg, out / "baseline", overwrite=True)
+
+    def run():
+        trainer = DetectionTrainer(cfg)
+        trainer.resume_or_load(resume=True)
+        trainer.train()
+        if is_global_zero():
+            save_pruned_detector(trainer.student, cfg, out / "baseline", overwrite=True)
+
+    return run_stage(out, "baseline", out / "baseline", stage_settings(cfg), _dataset_files(cfg), run)
 
 
 def _load_checked(directory: Path, cfg, dataset: str) -> nn.Module:
     return load_pruned_detector(directory, cfg=cfg, dataset=dataset, map_location=cfg.MODEL.DEVICE)
 
 
-def train_backbone_pruner(cfg, out: str | Path, iterations: int, budget: float | None, lr: float = 1e-3,
-                          sparsity_weight: float = 1.0, calibration_images: int = 64) -> Path:
-    """Train the pruner of ``out/baseline``'s backbone; write its weights and keep scores to ``out/pruner``."""
-    import_detectron2()
-    from detectron2.data import build_detection_test_loader
+def train_detector_pruner(cfg, out: str | Path, iterations: int, budget: float | None, lr: float = 1e-3,
+                          sparsity_weight: float = 1.0, calibration_images: int = 64, scope: str = "detector") -> Path:
+    """Train the pruner of ``out/baseline``; write its weights and keep scores to ``out/pruner``.
 
-    from pnp.detection.pruning import backbone_keep_scores
+    ``budget`` is the fraction of the ``scope``'s FLOPs (whole detector or backbone) to keep.
+    """
+    from pnp.detection.pruning import check_scope, detector_keep_scores, model_budget
 
     out = Path(out)
+    check_scope(scope)
     cfg = _stage_cfg(cfg, out, "pruner")
-    detector = _load_checked(out / "baseline", cfg, cfg.DATASETS.TRAIN[0])
-    groups = find_backbone_groups(detector, cfg.INPUT.MIN_SIZE_TEST)
-    loss = {"sparsity_weight": sparsity_weight, "budget": budget}
-    pruner = train_pruner(cfg, detector, groups, iterations, lr=lr, loss=loss, output_dir=cfg.OUTPUT_DIR)
-    (out / "pruner").mkdir(parents=True, exist_ok=True)
-    loader = build_detection_test_loader(cfg, cfg.DATASETS.TRAIN[0])
-    scores = backbone_keep_scores(detector, pruner, groups, loader, max_batches=calibration_images)
-    save_file({k: v.detach().cpu().contiguous() for k, v in pruner.state_dict().items()}, str(out / "pruner" / PRUNER_WEIGHTS))
-    return write_json_atomic(out / "pruner" / SCORES_FILE, {name: s.tolist() for name, s in scores.items()})
+
+    def run():
+        import_detectron2()
+        from detectron2.data import build_detection_test_loader
+
+        detector = _load_checked(out / "baseline", cfg, cfg.DATASETS.TRAIN[0])
+        groups = find_detector_groups(detector, cfg.INPUT.MIN_SIZE_TEST, scope=scope)
+        loss = {"sparsity_weight": sparsity_weight, "budget": model_budget(groups, budget, scope)}
+        pruner = train_pruner(cfg, detector, groups, iterations, lr=lr, loss=loss, output_dir=cfg.OUTPUT_DIR,
+                              checkpoint_period=int(cfg.SOLVER.CHECKPOINT_PERIOD))
+        loader = build_detection_test_loader(cfg, cfg.DATASETS.TRAIN[0])
+        scores = detector_keep_scores(detector, pruner, groups, loader, max_batches=calibration_images)
+        if is_global_zero():
+            (out / "pruner").mkdir(parents=True, exist_ok=True)
+            weights = {k: v.detach().cpu().contiguous() for k, v in pruner.state_dict().items()}
+            save_file(weights, str(out / "pruner" / PRUNER_WEIGHTS))
+            write_json_atomic(out / "pruner" / SCORES_FILE, {name: s.tolist() for name, s in scores.items()})
+
+    settings = stage_settings(cfg, iterations=int(iterations), budget=budget, lr=float(lr),
+                              sparsity_weight=float(sparsity_weight), calibration_images=int(calibration_images), scope=scope)
+    return run_stage(out, "pruner", out / "pruner" / SCORES_FILE, settings, [out / "baseline"], run)
 
 
-def prune_baseline(cfg, out: str | Path, budget: float | None) -> Path:
-    """Read out ``out/pruner``'s keep scores at ``budget`` (fraction of backbone FLOPs), cut ``out/baseline``."""
+def read_scores(out: str | Path) -> dict[str, torch.Tensor]:
+    """The keep scores ``out/pruner`` holds."""
+    path = Path(out) / "pruner" / SCORES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run --stage prune-train first")
+    return {name: torch.tensor(values) for name, values in json.loads(path.read_text()).items()}
+
+
+def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "detector",
+                   scores: dict[str, torch.Tensor] | None = None, name: str = "pruned", **readout) -> Path:
+    """Read out keep scores at ``budget`` (fraction of the ``scope``'s FLOPs), cut ``out/baseline``; write ``out/<name>``.
+
+    ``scores`` default to ``out/pruner``'s; a criterion's scores (``pnp.core.criteria``)
+    go through the same read-out and surgery. ``readout`` goes to :func:`decide_detector_keep`
+    (``round_to``, ``min_channels``, ``fill``).
+    """
     out = Path(out)
-    cfg = _stage_cfg(cfg, out, "pruned")
-    scores_path = out / "pruner" / SCORES_FILE
-    if not scores_path.is_file():
-        raise FileNotFoundError(f"{scores_path} does not exist; run --stage prune-train first")
-    scores = {name: torch.tensor(values) for name, values in json.loads(scores_path.read_text()).items()}
-    detector = _load_checked(out / "baseline", cfg, cfg.DATASETS.TRAIN[0])
-    groups = find_backbone_groups(detector, cfg.INPUT.MIN_SIZE_TEST)
-    keep, info = decide_backbone_keep(groups, scores, budget=budget)
-    pruned = prune_detector(detector, groups, keep)
-    return save_pruned_detector(pruned, cfg, out / "pruned", metadata={"readout": _plain(info)}, overwrite=True)
+    cfg = _stage_cfg(cfg, out, name)
+    given = scores is not None
+
+    def run():
+        keep_scores = scores if given else read_scores(out)
+        detector = _load_checked(out / "baseline", cfg, cfg.DATASETS.TRAIN[0])
+        groups = find_detector_groups(detector, cfg.INPUT.MIN_SIZE_TEST, scope=scope)
+        wrong = [g.name for g in groups if g.name not in keep_scores or tuple(keep_scores[g.name].shape) != (g.size,)]
+        if wrong:
+            raise ValueError(f"the keep scores do not fit the detector's channel groups (e.g. {wrong[0]!r}): were they "
+                             f"made for another detector or another scope than {scope!r}?")
+        keep, info = decide_detector_keep(groups, keep_scores, budget=budget, scope=scope, **readout)
+        pruned = prune_detector(detector, groups, keep)
+        if is_global_zero():
+            save_pruned_detector(pruned, cfg, out / name, metadata={"readout": _plain(info)}, overwrite=True)
+
+    settings = stage_settings(cfg, budget=budget, scope=scope, **readout)
+    if given:
+        settings["scores"] = hashlib.sha256(json.dumps({k: v.tolist() for k, v in sorted(scores.items())}).encode()).hexdigest()[:16]
+    inputs = [out / "baseline"] + ([] if given else [out / "pruner" / SCORES_FILE])
+    return run_stage(out, name, out / name, settings, inputs, run)
+
+
+def criterion_scores(cfg, out: str | Path, criterion: str, scope: str = "detector") -> dict[str, torch.Tensor]:
+    """Keep scores of ``out/baseline``'s channels by a data-free criterion, for :func:`prune_baseline`."""
+    from pnp.detection.pruning import rank_detector_channels
+
+    detector = _load_checked(Path(out) / "baseline", cfg, cfg.DATASETS.TRAIN[0])
+    groups = find_detector_groups(detector, cfg.INPUT.MIN_SIZE_TEST, scope=scope)
+    return rank_detector_channels(detector, groups, criterion)
 
 
 def finetune_pruned(cfg, out: str | Path, kd_fpn: float = 0.0, kd_cls: float = 0.0, max_iter: int | None = None,
@@ -146,11 +305,20 @@ def finetune_pruned(cfg, out: str | Path, kd_fpn: float = 0.0, kd_cls: float = 0
     """
     out = Path(out)
     cfg = _stage_cfg(cfg, out, name, max_iter, base_lr)
-    student = _load_checked(out / source, cfg, cfg.DATASETS.TRAIN[0])
-    teacher = _load_checked(out / "baseline", cfg, cfg.DATASETS.TRAIN[0]) if kd_fpn > 0 or kd_cls > 0 else None
-    trainer = DetectionTrainer(cfg, model=student, teacher=teacher, kd_fpn=kd_fpn, kd_cls=kd_cls)
-    trainer.train()
-    return save_pruned_detector(trainer.student, cfg, out / name, overwrite=True)
+    distil = kd_fpn > 0 or kd_cls > 0
+
+    def run():
+        student = _load_checked(out / source, cfg, cfg.DATASETS.TRAIN[0])
+        teacher = _load_checked(out / "baseline", cfg, cfg.DATASETS.TRAIN[0]) if distil else None
+        trainer = DetectionTrainer(cfg, model=student, teacher=teacher, kd_fpn=kd_fpn, kd_cls=kd_cls)
+        trainer.resume_or_load(resume=True)
+        trainer.train()
+        if is_global_zero():
+            save_pruned_detector(trainer.student, cfg, out / name, overwrite=True)
+
+    settings = stage_settings(cfg, kd_fpn=float(kd_fpn), kd_cls=float(kd_cls), source=source)
+    inputs = [out / source] + ([out / "baseline"] if distil and source != "baseline" else [])
+    return run_stage(out, name, out / name, settings, inputs, run)
 
 
 class DetectorOnImages(nn.Module):
@@ -234,8 +402,13 @@ def _plain(info: dict) -> dict:
 
 def run_stages(stages: Sequence[str], cfg, out: str | Path, budget: float | None = 0.5, pruner_iters: int = 100,
                pruner_lr: float = 1e-3, sparsity_weight: float = 1.0, kd_fpn: float = 0.0, kd_cls: float = 0.0,
-               finetune_iters: int | None = None, finetune_lr: float | None = None, report: bool = True) -> dict | None:
-    """Run ``stages`` in order (a subset of :data:`STAGES`), then write and print the report."""
+               finetune_iters: int | None = None, finetune_lr: float | None = None, report: bool = True,
+               scope: str = "detector", round_to: int = 1, min_channels: int = 1) -> dict | None:
+    """Run ``stages`` in order (a subset of :data:`STAGES`), then write and print the report.
+
+    ``budget`` is the fraction of the ``scope``'s FLOPs to keep: the whole detector's
+    (``"detector"``) or the backbone's (``"backbone"``, the heads left whole).
+    """
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; use {list(STAGES)} or 'all'")
@@ -246,9 +419,10 @@ def run_stages(stages: Sequence[str], cfg, out: str | Path, budget: float | None
         if stage == "train":
             train_baseline(cfg, out)
         elif stage == "prune-train":
-            train_backbone_pruner(cfg, out, pruner_iters, budget, lr=pruner_lr, sparsity_weight=sparsity_weight)
+            train_detector_pruner(cfg, out, pruner_iters, budget, lr=pruner_lr, sparsity_weight=sparsity_weight,
+                                  scope=scope)
         elif stage == "prune":
-            prune_baseline(cfg, out, budget)
+            prune_baseline(cfg, out, budget, scope=scope, round_to=round_to, min_channels=min_channels)
         else:
             finetune_pruned(cfg, out, kd_fpn, kd_cls, finetune_iters, finetune_lr)
         durations[stage] = round(time.perf_counter() - start, 2)

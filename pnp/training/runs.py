@@ -27,7 +27,15 @@ class StageConflictError(RuntimeError):
 
 
 def is_global_zero() -> bool:
-    """True in the process that writes files (rank 0), also before any Trainer exists."""
+    """True in the process that writes files (rank 0), also before any Trainer exists.
+
+    Under a process group (Lightning's DDP or detectron2's ``launch``) the group's
+    rank decides; before one exists, the rank Lightning reads from the environment.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
     from lightning_fabric.utilities.rank_zero import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
