@@ -12,7 +12,7 @@ trained on by that schedule. Every detector is evaluated with detectron2's
 COCOEvaluator on the val split; FLOPs, params and CPU latency are given for the
 whole detector and for its backbone.
 
-    python benchmarks/bench_detection.py --profile quick        # CPU, about 40 min a model on 2 cores
+    python benchmarks/bench_detection.py --profile quick        # CPU, 40-90 min a model on 2 cores
     python benchmarks/bench_detection.py --profile quick --set seed=1
     python benchmarks/bench_detection.py --profile quick --set models=retinanet:18
     python benchmarks/bench_detection.py --profile full --device cuda
@@ -55,7 +55,7 @@ class Profile:
     models: tuple[str, ...] = ("faster_rcnn:18",)  # meta-architecture:ResNet depth
     num_images: int = 600  # composed training images; val gets a quarter
     image_size: int = 128
-    ims_per_batch: int = 8
+    ims_per_batch: int = 4
     baseline_iters: int = 600
     base_lr: float = 0.02
     budget: float = 0.5  # fraction of the scope's FLOPs kept
@@ -64,7 +64,7 @@ class Profile:
     criterion: str = "magnitude"  # the criterion row, read out and cut like pnp's
     pruner_iters: int = 100
     pruner_lr: float = 1e-3
-    finetune_iters: int = 300
+    finetune_iters: int = 200
     finetune_lr: float = 0.01
     kd_fpn: float = 1.0  # the distilled variant's weights
     kd_cls: float = 1.0

@@ -224,3 +224,23 @@ def test_installed_wheel_carries_the_config_tree(tmp_path):
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("pnp/configs/")}
     expected = {f"pnp/configs/{p.relative_to(root / 'configs').as_posix()}" for p in (root / "configs").rglob("*.yaml")}
     assert expected and expected <= shipped
+
+
+def test_single_stage_commands_run_the_pipelines_recipe():
+    """Every default is written once: each command composes the same settings as pnp-pipeline's stage."""
+    from omegaconf import OmegaConf
+
+    pipeline = compose_config("pipeline", [])
+    budget = pipeline.readout.budget
+    same = {
+        "train": (compose_config("train", []), ("train", "trainer", "model", "data")),
+        "train_pruner": (compose_config("train_pruner", ["target=x", f"readout.budget={budget}"]), ("pruner", "readout")),
+        "prune": (compose_config("prune", ["target=x", f"readout.budget={budget}"]), ("readout", "inherit")),
+        "finetune": (compose_config("finetune", ["pruned=x"]), ("finetune",)),
+    }
+    for command, (cfg, sections) in same.items():
+        for section in sections:
+            assert OmegaConf.to_container(cfg[section], resolve=True) == OmegaConf.to_container(pipeline[section], resolve=True), \
+                (command, section)
+    # the pruner learns at the budget the read-out cuts to, whichever it is
+    assert compose_config("pipeline", ["readout.budget=0.3"]).pruner.budget == 0.3

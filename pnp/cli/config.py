@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -101,25 +101,38 @@ class OptimConfig:
 
 @dataclass
 class PrunerConfig:
+    """The pruner's recipe: what ``pnp-train-pruner`` and ``pnp-pipeline`` both train."""
+
     epochs: int = 3
     lr: float = 1e-3
     # the trunk starts from the target's weights; null: lr / 10
     trunk_lr: Optional[float] = None
     weight_decay: float = 0.0
     sparsity: str = "flops"
-    sparsity_weight: float = 1.0
-    budget: Optional[float] = None
+    # null: 0 when there is a budget (the budget term holds the pruner at it), 1.0 without one
+    sparsity_weight: Optional[float] = None
+    # the read-out's budget, so the pruner learns at the budget surgery will cut to
+    budget: Optional[float] = "${oc.select:readout.budget,null}"  # type: ignore[assignment]
     budget_metric: str = "flops"
-    budget_weight: float = 10.0
+    budget_weight: float = 1.0
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
     temperature: float = 1.0
     init_keep: float = 0.9
     noise: float = 0.0
-    mask_mode: str = "sample"
+    # one decision per batch learns the static architecture surgery will cut (per-sample
+    # decisions, averaged later, start fine-tuning lower)
+    mask_mode: str = "batch"
     head_layer: Optional[str] = None
     # calibration samples whose keep probabilities are averaged for the read-out
     calibration_samples: int = 2048
+
+
+def pruner_sparsity_weight(pruner: DictConfig) -> float:
+    """``pruner.sparsity_weight``, with null resolved (0 with a budget, 1.0 without)."""
+    if pruner.sparsity_weight is not None:
+        return float(pruner.sparsity_weight)
+    return 0.0 if pruner.budget is not None else 1.0
 
 
 @dataclass
@@ -147,6 +160,10 @@ class InheritConfig:
     # held-out images the candidates are compared on (the validation split; without one,
     # training images)
     eval_samples: int = 5000
+
+
+# fine-tuning of the pruned model, distilled from the unpruned target (pnp-finetune and pnp-pipeline)
+FINETUNE = OptimConfig(epochs=20, lr=0.01, kd_weight=1.0)
 
 
 @dataclass
@@ -196,7 +213,7 @@ class FinetuneCommand(CommonConfig):
     # the unpruned target to distil from (needed when finetune.kd_weight > 0)
     teacher: Optional[str] = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=5, lr=0.01))
+    finetune: OptimConfig = field(default_factory=lambda: replace(FINETUNE))
 
 
 @dataclass
@@ -207,7 +224,7 @@ class PipelineCommand(CommonConfig):
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
     inherit: InheritConfig = field(default_factory=InheritConfig)
     verify: bool = True
-    finetune: OptimConfig = field(default_factory=lambda: OptimConfig(epochs=5, lr=0.01))
+    finetune: OptimConfig = field(default_factory=lambda: replace(FINETUNE))
 
 
 SCHEMAS = {
@@ -351,7 +368,7 @@ def _check_pruner(cfg: DictConfig) -> None:
     _number(cfg, "pruner.trunk_lr", low=0, optional=True)
     _number(cfg, "pruner.weight_decay", low=0)
     _choice(cfg, "pruner.sparsity", SPARSITY)
-    _number(cfg, "pruner.sparsity_weight", low=0)
+    _number(cfg, "pruner.sparsity_weight", low=0, optional=True)
     _fraction(cfg, "pruner.budget")
     _choice(cfg, "pruner.budget_metric", METRICS)
     _number(cfg, "pruner.budget_weight", low=0)
@@ -406,10 +423,10 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check_trainer(cfg)
     if command in ("train", "pipeline"):
         _check_optim(cfg, "train")
+    if command in ("train_pruner", "prune", "pipeline"):
+        _check_readout(cfg)  # before the pruner, whose budget follows readout.budget
     if command in ("train_pruner", "pipeline"):
         _check_pruner(cfg)
-    if command in ("train_pruner", "prune", "pipeline"):
-        _check_readout(cfg)
     if command in ("prune", "pipeline"):
         _check_inherit(cfg)
     if command in ("finetune", "pipeline"):
@@ -426,7 +443,8 @@ def validate(cfg: DictConfig, command: str) -> None:
         _existing(cfg, "pruned", "the pruned model (a pnp-prune run directory or a saved pruned model)")
         _existing(cfg, "teacher", "the teacher (a pnp-train run directory or a checkpoint file)", optional=True)
         _require(cfg.finetune.kd_weight == 0 or cfg.teacher is not None, "teacher", cfg.teacher,
-                 f"finetune.kd_weight={cfg.finetune.kd_weight} distils from a teacher: set teacher=<pnp-train run directory>")
+                 f"finetune.kd_weight={cfg.finetune.kd_weight} distils from a teacher: set teacher=<pnp-train run directory>, "
+                 "or finetune.kd_weight=0 to fine-tune without one")
 
 
 def config_dir() -> Path:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from pnp.cli.config import ConfigError, InputError
+from pnp.cli.config import ConfigError, InputError, pruner_sparsity_weight
 from pnp.cli.loading import MODEL_DIR, load_pruned_model, load_target
 from pnp.training.runs import StageDir, is_global_zero
 from pnp.core.artifacts import load_pruned, save_pruned
@@ -331,7 +331,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     p = cfg.pruner
     module = PrunerModule(
         target, groups, lr=p.lr, trunk_lr=p.trunk_lr, weight_decay=p.weight_decay, epochs=p.epochs, sparsity=p.sparsity,
-        sparsity_weight=p.sparsity_weight, budget=p.budget, budget_metric=p.budget_metric,
+        sparsity_weight=pruner_sparsity_weight(p), budget=p.budget, budget_metric=p.budget_metric,
         budget_weight=p.budget_weight, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
         temperature=p.temperature, init_keep=p.init_keep, noise=p.noise, mask_mode=p.mask_mode,
         head_layer=p.head_layer,
