@@ -29,7 +29,7 @@ from pnp.core.cost import CostModel, count_flops_params, measure_latency
 from pnp.core.groups import find_channel_groups
 from pnp.core.readout import decide_keep
 from pnp.core.surgery import apply_surgery, verify_surgery
-from pnp.training.report import write_text_atomic
+from pnp.core.io import write_text_atomic
 
 INPUT_SHAPE = (3, 224, 224)
 

@@ -44,8 +44,8 @@ from pnp.detection.pipeline import (  # noqa: E402
     build_config, criterion_scores, detector_summary, finetune_pruned, prune_baseline, register_splits,
     train_baseline, train_detector_pruner,
 )
-from pnp.training.report import write_json_atomic, write_text_atomic  # noqa: E402
-from pnp.training.runs import read_json  # noqa: E402
+from pnp.core.io import write_json_atomic, write_text_atomic  # noqa: E402
+from pnp.core.io import read_json  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -413,7 +413,7 @@ def check_same_settings(path: Path, stored: dict, current: dict) -> None:
 def ensure_baseline(bench: Bench, out: Path, profile: Profile, device: str) -> None:
     """Train the baseline of ``bench`` or read it back from ``out``; fill bench.baseline and its record."""
     from pnp.core.artifacts import load_pruned, save_pruned
-    from pnp.training.report import write_json_atomic
+    from pnp.core.io import write_json_atomic
 
     directory = baseline_dir(out, bench)
     record_path = directory / "baseline.json"
@@ -544,7 +544,7 @@ def sparsity_trained(bench: Bench, device: str, out: Path) -> tuple[nn.Module, d
 
     from pnp.core.artifacts import load_pruned, save_pruned
     from pnp.core.criteria import CriterionNotApplicableError
-    from pnp.training.report import write_json_atomic
+    from pnp.core.io import write_json_atomic
 
     s = bench.schedule
     directory = baseline_dir(out, bench) / "slim"
@@ -670,7 +670,7 @@ def run_benchmark(profile: Profile, args: argparse.Namespace) -> None:
     """
     from pnp.core.criteria import CriterionNotApplicableError
     from pnp.core.groups import find_channel_groups
-    from pnp.training.report import write_json_atomic
+    from pnp.core.io import write_json_atomic
 
     quiet_lightning()
     roots = {"fashion_mnist": args.data_root, "cifar10": args.cifar10_root}
@@ -874,7 +874,7 @@ def plot_methods(records: list[dict], methods: tuple[str, ...], path: Path) -> P
 
 def write_reports(profile: Profile, args: argparse.Namespace) -> dict:
     """``results.json``, ``table.md`` and ``accuracy_vs_flops.png`` from the run records on disk."""
-    from pnp.training.report import write_json_atomic
+    from pnp.core.io import write_json_atomic
 
     records, skipped = collect_records(args.out, profile)
     env = environment(args.device)

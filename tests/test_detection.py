@@ -619,7 +619,7 @@ def test_an_interrupted_detection_stage_resumes_from_its_checkpoint(tmp_path, fa
     resumed_from = tag.read_text().strip()
     second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert f"resuming stage 'baseline' from" in second.stdout and resumed_from in second.stdout
+    assert "resuming stage 'baseline' from" in second.stdout and resumed_from in second.stdout
     assert (out / "baseline" / "model.safetensors").is_file() and not tag.exists()
     checkpoint_iteration = int(resumed_from[len("model_"):-len(".pth")])
     assert f"Starting training from iteration {checkpoint_iteration + 1}" in second.stdout + second.stderr

@@ -9,14 +9,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pnp.core.builders import build_model
-from pnp.training import report as report_mod
 from pnp.training.report import (
     evaluate_accuracy,
     format_before_after_table,
     model_summary,
     plot_accuracy_vs_flops,
     plot_channels_per_layer,
-    write_json_atomic,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -98,25 +96,6 @@ def test_table_without_fine_tuning_compares_the_pruned_model():
     assert acc.split()[-2:] == ["-20.73", "pts"] and " - " in acc
     with pytest.raises(ValueError, match="none of the stages"):
         format_before_after_table({"durations_s": {}})
-
-
-def test_json_written_atomically(tmp_path, monkeypatch):
-    path = tmp_path / "run" / "report.json"
-    write_json_atomic(path, {"acc": torch.tensor(91.5), "keep": torch.tensor([1, 0]), "where": tmp_path})
-    assert json.loads(path.read_text()) == {"acc": 91.5, "keep": [1, 0], "where": str(tmp_path)}
-
-    # a write that fails midway leaves the old file whole and no temporary behind
-    def failing_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(report_mod.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"):
-        write_json_atomic(path, {"acc": 0.0})
-    assert json.loads(path.read_text())["acc"] == 91.5
-    assert os.listdir(path.parent) == ["report.json"]
-    with pytest.raises(TypeError, match="cannot write object"):
-        write_json_atomic(tmp_path / "x.json", {"bad": object()})
-    assert not (tmp_path / "x.json").exists()
 
 
 def test_plots_are_png_files(tmp_path):

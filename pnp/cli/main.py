@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pnp.cli.config import ConfigError, InputError, config_dir, register_schemas, validate
 from pnp.cli.loading import read_keep_file
 from pnp.training.runs import StageConflictError, StageDir, is_global_zero
-from pnp.training.report import write_json_atomic, write_text_atomic
+from pnp.core.io import write_json_atomic, write_text_atomic
 
 REPORT_FILE = "report.json"
 STAGES = ("train", "train_pruner", "prune", "finetune")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,10 +27,9 @@ from pnp.cli.config import ConfigError, InputError, pruner_sparsity_weight
 from pnp.cli.loading import MODEL_DIR, load_pruned_model, load_target
 from pnp.training.runs import StageDir, is_global_zero
 from pnp.core.artifacts import load_pruned, save_pruned
-from pnp.training.report import write_text_atomic
+from pnp.core.io import KEEP_FILE, KEEP_SCORES_FILE, load_keep_scores, save_keep_scores, save_tensors_atomic, write_keep_decisions
 
-KEEP_FILE = "keep.json"
-SCORES_FILE = "keep_scores.safetensors"
+SCORES_FILE = KEEP_SCORES_FILE
 PRUNER_FILE = "pruner.safetensors"
 CHANNELS_PLOT = "channels_per_layer.png"
 ACCURACY_PLOT = "accuracy_vs_flops.png"
@@ -292,25 +290,6 @@ def _gather(value: str) -> list[str]:
     return [value]
 
 
-def _read_scores(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
-
-
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """A safetensors file, written beside ``path`` and renamed into place."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, target: nn.Module, readout: bool) -> StageResult:
     """Train the pruner against the frozen target; average its keep probabilities on calibration data.
 
@@ -319,7 +298,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     """
     if state == "done":
         report = stage.report()
-        return StageResult(report, scores=_read_scores(stage.path / SCORES_FILE), skipped=True)
+        return StageResult(report, scores=load_keep_scores(stage.path / SCORES_FILE), skipped=True)
     import pytorch_lightning as pl
 
     from pnp.training.pruner_module import PrunerModule
@@ -343,8 +322,8 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     calibrate(trainer, module, data.module.calibration_dataloader(samples))
     scores = {k: v.detach().float().cpu() for k, v in module.keep_scores.items()}
     if is_global_zero():
-        _save_tensors(scores, stage.path / SCORES_FILE)
-        _save_tensors(module.pruner.state_dict(), stage.path / PRUNER_FILE)
+        save_keep_scores(stage.path / SCORES_FILE, scores)
+        save_tensors_atomic(module.pruner.state_dict(), stage.path / PRUNER_FILE)
     report: dict[str, Any] = {
         "time_s": None,
         "epochs": p.epochs,
@@ -403,17 +382,9 @@ def check_readout(cfg: DictConfig, data: Data) -> None:
 
 
 def write_keep(path: Path, groups, keep: dict[str, torch.Tensor], info: dict | None = None) -> None:
-    """``keep.json``: kept channel indices per group (one line each), group sizes, how they were read out."""
-    if not is_global_zero():
-        return
-    doc = {
-        "groups": {g.name: keep[g.name].nonzero().flatten().tolist() for g in groups},
-        "group_sizes": {g.name: g.size for g in groups},
-        "readout": info or {},
-    }
-    text = json.dumps(doc, indent=2)
-    text = re.sub(r"\[[\d,\s-]*\]", lambda m: json.dumps(json.loads(m.group())), text)  # index lists on one line
-    write_text_atomic(path, text + "\n")
+    """``keep.json`` (:func:`pnp.core.io.write_keep_decisions`), on rank 0."""
+    if is_global_zero():
+        write_keep_decisions(path, groups, keep, info)
 
 
 # ---------------------------------------------------------------- 3. surgery
@@ -595,7 +566,7 @@ def scores_from(cfg: DictConfig) -> dict[str, torch.Tensor]:
     path = Path(cfg.pruner_run) / SCORES_FILE
     if not path.is_file():
         raise ConfigError("pruner_run", cfg.pruner_run, f"holds no {SCORES_FILE}: pass the directory of a finished pnp-train-pruner run")
-    return _read_scores(path)
+    return load_keep_scores(path)
 
 
 def json_dump(obj) -> str:

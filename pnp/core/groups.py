@@ -13,7 +13,7 @@ import contextlib
 import fnmatch
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch

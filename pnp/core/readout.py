@@ -11,7 +11,6 @@ left filled with the best-scored channels that still fit.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from pnp.core.groups import IN, OUT, ChannelGroups, build_dependency_graph, first_tensor, legalize_keep, run_model
+from pnp.core.groups import OUT, ChannelGroups, build_dependency_graph, first_tensor, legalize_keep, run_model
 from pnp.core.handlers import handler_for
 
 

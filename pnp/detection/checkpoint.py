@@ -27,7 +27,7 @@ from pnp.core.artifacts import CHANNELS_FILE, ArtifactError, load_pruned, save_p
 from pnp.core.surgery import ChannelSpec
 from pnp.detection.compat import import_detectron2
 from pnp.detection.pruning import pruned_config, sync_output_shapes
-from pnp.training.report import write_text_atomic
+from pnp.core.io import write_text_atomic
 
 BUILDER = "pnp.detection.checkpoint:detector_from_config"
 CONFIG_FILE = "config.yaml"

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from pnp.training.data import FASHION_MNIST_CLASSES, find_fashion_mnist, load_fashion_mnist, resize
-from pnp.training.report import write_text_atomic
+from pnp.core.io import write_text_atomic
 
 SPLIT_ITEMS = {"train": "train", "val": "test"}  # split written -> Fashion-MNIST split its items come from
 GENERATOR = "pnp.detection.data.compose_fashion_mnist_detection"

@@ -2,9 +2,11 @@
 
 Each stage reads what the previous one wrote under one output directory:
 ``baseline/`` (the trained detector), ``pruner/`` (the pruner's weights and its
-averaged keep scores), ``pruned/`` (the detector after surgery), ``finetuned/``
+averaged keep scores, ``keep_scores.safetensors`` as the classification stages write
+them), ``pruned/`` (the detector after surgery), ``finetuned/``
 (after fine-tuning), ``logs/<stage>/`` (metrics.json, TensorBoard events, the
-stage's record and, while it trains, detectron2's periodic checkpoints) and
+stage's record, the prune stage's ``keep.json`` and, while a stage trains,
+detectron2's periodic checkpoints) and
 ``report.json`` with the before/after figures. Every detector directory is a
 :func:`save_pruned_detector` checkpoint (safetensors).
 
@@ -25,7 +27,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from pnp.core.cost import count_flops_params, measure_latency
 from pnp.detection.checkpoint import load_pruned_detector, save_pruned_detector
@@ -34,11 +35,15 @@ from pnp.detection.data import compose_fashion_mnist_detection, coco_split_paths
 from pnp.detection.engine import DetectionTrainer, evaluate_detector, train_pruner
 from pnp.detection.modeling import detector_config
 from pnp.detection.pruning import decide_detector_keep, find_detector_groups, prune_detector
-from pnp.training.report import format_count, render_table, write_json_atomic
+from pnp.core.io import (
+    KEEP_FILE, KEEP_SCORES_FILE, load_keep_scores, save_keep_scores, save_tensors_atomic, write_json_atomic,
+    write_keep_decisions,
+)
+from pnp.training.report import format_count, render_table
 from pnp.training.runs import StageDir, is_global_zero
 
 STAGES = ("train", "prune-train", "prune", "finetune")
-SCORES_FILE = "keep_scores.json"
+SCORES_FILE = KEEP_SCORES_FILE
 PRUNER_WEIGHTS = "pruner.safetensors"
 REPORT_COLUMNS = (("baseline", "baseline"), ("pruned", "pruned"), ("finetuned", "fine-tuned"))
 
@@ -237,10 +242,8 @@ def train_detector_pruner(cfg, out: str | Path, iterations: int, budget: float |
         loader = build_detection_test_loader(cfg, cfg.DATASETS.TRAIN[0])
         scores = detector_keep_scores(detector, pruner, groups, loader, max_batches=calibration_images)
         if is_global_zero():
-            (out / "pruner").mkdir(parents=True, exist_ok=True)
-            weights = {k: v.detach().cpu().contiguous() for k, v in pruner.state_dict().items()}
-            save_file(weights, str(out / "pruner" / PRUNER_WEIGHTS))
-            write_json_atomic(out / "pruner" / SCORES_FILE, {name: s.tolist() for name, s in scores.items()})
+            save_tensors_atomic(pruner.state_dict(), out / "pruner" / PRUNER_WEIGHTS)
+            save_keep_scores(out / "pruner" / SCORES_FILE, scores)
 
     settings = stage_settings(cfg, iterations=int(iterations), budget=budget, lr=float(lr),
                               sparsity_weight=float(sparsity_weight), calibration_images=int(calibration_images), scope=scope)
@@ -252,7 +255,7 @@ def read_scores(out: str | Path) -> dict[str, torch.Tensor]:
     path = Path(out) / "pruner" / SCORES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run --stage prune-train first")
-    return {name: torch.tensor(values) for name, values in json.loads(path.read_text()).items()}
+    return load_keep_scores(path)
 
 
 def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "detector",
@@ -278,6 +281,7 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
         keep, info = decide_detector_keep(groups, keep_scores, budget=budget, scope=scope, **readout)
         pruned = prune_detector(detector, groups, keep)
         if is_global_zero():
+            write_keep_decisions(out / "logs" / name / KEEP_FILE, groups, keep, _plain(info))
             save_pruned_detector(pruned, cfg, out / name, metadata={"readout": _plain(info)}, overwrite=True)
 
     settings = stage_settings(cfg, budget=budget, scope=scope, **readout)

@@ -38,7 +38,7 @@ from pnp.core.groups import ChannelGroups, find_channel_groups
 from pnp.core.losses import PrunerLoss
 from pnp.core.pruner import PrunerNetwork
 from pnp.core.readout import KeepScores, decide_keep
-from pnp.core.surgery import ChannelSpec, apply_surgery
+from pnp.core.surgery import apply_surgery
 from pnp.detection.compat import import_detectron2
 
 PRUNER_FEATURE = "res5"  # the bottom-up feature the pruner's head reads

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import uuid
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from pnp.core.cost import count_flops_params, measure_latency
+from pnp.core.io import replace_atomically
 
 STAGES = (("baseline", "baseline"), ("pruned", "pruned"), ("finetuned", "fine-tuned"))
 
@@ -59,50 +56,6 @@ def model_summary(
         "params": int(cost.params),
         "latency": [{"batch_size": l.batch_size, "threads": l.threads, "median_ms": round(l.median_ms, 4)} for l in latency],
     }
-
-
-# --------------------------------------------------------------------------- files
-
-
-def _replace_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Let ``write`` fill a temporary file beside ``path``, then rename it over ``path``.
-
-    Readers see the old file or the complete new one, never a partial one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item() if value.dim() == 0 else value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if is_dataclass(value) and not isinstance(value, type):
-        return asdict(value)
-    if hasattr(value, "tolist"):  # numpy arrays and scalars
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to JSON: {value!r}")
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
-    return _replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON; tensors, paths and dataclasses are converted."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
 # --------------------------------------------------------------------------- the table
@@ -225,7 +178,7 @@ def new_figure(width: float, height: float):
 def save_png(fig, path: str | Path) -> Path:
     """Lay ``fig`` out and write it to ``path`` as PNG, atomically."""
     fig.tight_layout()
-    return _replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def plot_channels_per_layer(

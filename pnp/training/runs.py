@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from pnp.training.report import write_json_atomic
+from pnp.core.io import read_json, write_json_atomic
 
 STAGE_FILE = "stage.json"
 REPORT_FILE = "report.json"
@@ -39,10 +39,6 @@ def is_global_zero() -> bool:
     from lightning_fabric.utilities.rank_zero import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
