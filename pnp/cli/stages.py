@@ -309,7 +309,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     groups = find_groups(cfg, data, target)
     p = cfg.pruner
     module = PrunerModule(
-        target, groups, lr=p.lr, trunk_lr=p.trunk_lr, weight_decay=p.weight_decay, epochs=p.epochs, sparsity=p.sparsity,
+        target, groups, task=task_of(data), lr=p.lr, trunk_lr=p.trunk_lr, weight_decay=p.weight_decay, epochs=p.epochs, sparsity=p.sparsity,
         sparsity_weight=pruner_sparsity_weight(p), budget=p.budget, budget_metric=p.budget_metric,
         budget_weight=p.budget_weight, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
         temperature=p.temperature, init_keep=p.init_keep, noise=p.noise, mask_mode=p.mask_mode,
@@ -344,10 +344,15 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     return StageResult(stage.finish(report), scores=scores, keep=keep)
 
 
-def find_groups(cfg: DictConfig, data: Data, model: nn.Module):
-    from pnp.core.groups import find_channel_groups
+def task_of(data: Data):
+    """The engine's view of a classifier on ``data`` (see :mod:`pnp.core.task`)."""
+    from pnp.core.task import ClassificationTask
 
-    return find_channel_groups(model, data.example_inputs, ignore=list(cfg.model.ignore))
+    return ClassificationTask(data.example_inputs)
+
+
+def find_groups(cfg: DictConfig, data: Data, model: nn.Module):
+    return task_of(data).find_groups(model, ignore=list(cfg.model.ignore))
 
 
 def read_out(cfg: DictConfig, groups, scores, source: tuple[str, str] = ("pruner_run", "")) -> tuple[dict[str, torch.Tensor], dict]:
@@ -449,8 +454,6 @@ def prune(
     With ``inherit_weights`` the channels kept at ``keep``'s widths are chosen as
     ``cfg.inherit`` says (see :func:`inherit`).
     """
-    from pnp.core.surgery import apply_surgery
-
     if state == "done":
         return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR), skipped=True)
     start = time.perf_counter()
@@ -464,7 +467,7 @@ def prune(
                 g: int((learned[g].bool() & ~keep[g].bool()).sum()) for g in keep
             }
             print(_inherit_line(inherited), flush=True)
-    pruned = apply_surgery(target, groups, keep, data.example_inputs, verify=bool(cfg.verify))
+    pruned = task_of(data).surgery(target, groups, keep, verify=bool(cfg.verify))
     save_model(pruned, stage, data, made_by="pnp-prune")
     write_keep(stage.path / KEEP_FILE, groups, keep, info)
     report: dict[str, Any] = {"readout": info}

@@ -34,11 +34,11 @@ import torch.nn as nn
 
 from pnp.core.cost import CostModel
 from pnp.core.gating import GatedModel
-from pnp.core.groups import ChannelGroups, find_channel_groups
+from pnp.core.groups import ChannelGroups
 from pnp.core.losses import PrunerLoss
 from pnp.core.pruner import PrunerNetwork
-from pnp.core.readout import KeepScores, decide_keep
-from pnp.core.surgery import apply_surgery
+from pnp.core.readout import decide_keep
+from pnp.core.task import PruningTask, calibrate_keep_scores, pruner_terms
 from pnp.detection.compat import import_detectron2
 
 PRUNER_FEATURE = "res5"  # the bottom-up feature the pruner's head reads
@@ -138,6 +138,43 @@ def dense_example(model: nn.Module, image_size: int) -> tuple[torch.Tensor, torc
     return images, example_boxes(image_size, proposals_per_image(model), images.device)
 
 
+class DetectionTask(PruningTask):
+    """A detectron2 detector (R-CNN or RetinaNet) as a :class:`pnp.core.task.PruningTask`.
+
+    The prunable part is :class:`DenseDetector`, traced on one ``image_size``
+    image and the detector's inference-time RoIs; ``scope="backbone"`` leaves the FPN
+    outputs and the heads whole. The pruner sees the normalised, padded image batch;
+    the task output is the detector's loss dict (it must be in training mode).
+    """
+
+    def __init__(self, image_size: int, scope: str = "detector"):
+        self.image_size = int(image_size)
+        self.scope = check_scope(scope)
+
+    def prunable(self, model: nn.Module) -> nn.Module:
+        return DenseDetector(model)
+
+    def example_inputs(self, model: nn.Module):
+        return dense_example(model, self.image_size)
+
+    def find_groups(self, model: nn.Module, ignore: Iterable[str] = ()) -> ChannelGroups:
+        return super().find_groups(model, tuple(ignore) + (_OUTSIDE_BACKBONE if self.scope == "backbone" else ()))
+
+    def pruner_input(self, model: nn.Module, batch) -> torch.Tensor:
+        return model.preprocess_image(batch).tensor
+
+    def output(self, model: nn.Module, batch):
+        return model(batch), None
+
+    def after_surgery(self, model: nn.Module, pruned: nn.Module) -> nn.Module:
+        detector = _shell_copy(model)
+        for name, child in pruned.named_children():
+            setattr(detector, name, child)
+        detector.pnp_channel_spec = pruned.pnp_channel_spec
+        detector.train(pruned.training)
+        return sync_output_shapes(detector)
+
+
 def find_detector_groups(model: nn.Module, image_size: int, scope: str = "detector",
                          ignore: Iterable[str] = ()) -> ChannelGroups:
     """The prunable channel groups of ``model`` (names as in the detector), traced at ``image_size``.
@@ -145,13 +182,7 @@ def find_detector_groups(model: nn.Module, image_size: int, scope: str = "detect
     ``scope="detector"`` finds groups through the whole detector; ``"backbone"`` leaves
     out the FPN outputs and the heads (listed in ``excluded`` as ignored).
     """
-    patterns = tuple(ignore) + (_OUTSIDE_BACKBONE if check_scope(scope) == "backbone" else ())
-    was_training = model.training
-    model.eval()
-    try:
-        return find_channel_groups(DenseDetector(model), dense_example(model, image_size), ignore=patterns)
-    finally:
-        model.train(was_training)
+    return DetectionTask(image_size, scope).find_groups(model, ignore)
 
 
 def model_budget(groups: ChannelGroups, budget: float | None, scope: str, metric: str = "flops") -> float | None:
@@ -215,15 +246,17 @@ class DetectionPrunerObjective(nn.Module):
     task term; its parts go to detectron2's event storage.
     """
 
-    def __init__(self, detector: nn.Module, groups: ChannelGroups, pruner: PrunerNetwork, loss: PrunerLoss):
+    def __init__(self, detector: nn.Module, groups: ChannelGroups, pruner: PrunerNetwork, loss: PrunerLoss,
+                 task: DetectionTask | None = None):
         super().__init__()
         self.pruner = pruner
         self.groups = groups
         self.loss = loss
+        self.task = task or DetectionTask(groups.example_inputs[0].shape[-1])
         detector.requires_grad_(False)
         # not a submodule: the trainer's optimizer and checkpoints see the pruner only
         self.__dict__["detector"] = detector
-        self.__dict__["gate"] = GatedModel(DenseDetector(detector), groups, freeze=True)
+        self.__dict__["gate"] = GatedModel(self.task.prunable(detector), groups, freeze=True)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -235,13 +268,9 @@ class DetectionPrunerObjective(nn.Module):
         import_detectron2()
         from detectron2.utils.events import get_event_storage
 
-        images = self.detector.preprocess_image(batched_inputs).tensor
-        masks = self.pruner(images)
-        with self.gate.masked(masks):
-            detection_losses = self.detector(batched_inputs)
-        terms = self.loss(detection_losses, None, masks)
+        terms = pruner_terms(self.task, self.detector, self.gate, self.pruner, self.loss, batched_inputs)
         scalars = {f"pruner/{k}": float(terms[k].detach()) for k in ("task", "sparsity", "budget", "flops_kept", "channels_kept")}
-        scalars.update({f"pruner/{k}": float(v.detach()) for k, v in detection_losses.items()})
+        scalars.update({f"pruner/{k}": float(v.detach()) for k, v in terms["output"].items()})
         get_event_storage().put_scalars(**scalars, smoothing_hint=False)  # the detector needs a storage too
         return {"loss_pruner": terms["loss"]}
 
@@ -253,23 +282,12 @@ def pruner_optimizer(pruner: PrunerNetwork, lr: float, trunk_lr: float | None = 
     return torch.optim.Adam(pruner.param_groups(lr, trunk_lr), weight_decay=weight_decay)
 
 
-@torch.no_grad()
 def detector_keep_scores(
     detector: nn.Module, pruner: PrunerNetwork, groups: ChannelGroups, data_loader, max_batches: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Mean keep probability of every channel over ``data_loader`` (detectron2 batches)."""
-    scores = KeepScores(groups)
-    was_training = pruner.training
-    pruner.eval()
-    try:
-        for i, batched_inputs in enumerate(data_loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            images = detector.preprocess_image(batched_inputs).tensor
-            scores.update(pruner.keep_probabilities(images))
-    finally:
-        pruner.train(was_training)
-    return scores.compute()
+    task = DetectionTask(groups.example_inputs[0].shape[-1])
+    return calibrate_keep_scores(task, detector, pruner, groups, data_loader, max_batches)
 
 
 def decide_detector_keep(groups: ChannelGroups, scores, budget: float | None = None, scope: str = "detector",
@@ -312,18 +330,8 @@ def prune_detector(model: nn.Module, groups: ChannelGroups, keep: Mapping[str, t
     :class:`pnp.ChannelSpec` as ``pnp_channel_spec`` (names as in the detector), and
     the widths detectron2 reports (``output_shape()``) are those of its layers.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        dense = apply_surgery(DenseDetector(model), groups, keep, verify=verify)
-    finally:
-        model.train(was_training)
-    pruned = _shell_copy(model)
-    for name, child in dense.named_children():
-        setattr(pruned, name, child)
-    pruned.pnp_channel_spec = dense.pnp_channel_spec
-    pruned.train(was_training)
-    return sync_output_shapes(pruned)
+    images = groups.example_inputs[0]
+    return DetectionTask(images.shape[-1]).surgery(model, groups, keep, verify=verify)
 
 
 def _shell_copy(model: nn.Module) -> nn.Module:

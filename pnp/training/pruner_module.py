@@ -11,6 +11,7 @@ from pnp.core.groups import ChannelGroups
 from pnp.core.losses import PrunerLoss
 from pnp.core.pruner import PrunerNetwork
 from pnp.core.readout import KeepScores
+from pnp.core.task import ClassificationTask, PruningTask, pruner_terms
 from pnp.training.classifier import log_step_and_epoch
 
 # the objective's terms and the names they are logged under
@@ -46,6 +47,7 @@ class PrunerModule(pl.LightningModule):
         noise: float = 0.0,
         mask_mode: str = "sample",
         head_layer: str | None = None,
+        task: PruningTask | None = None,
     ):
         super().__init__()
         if lr <= 0:
@@ -54,8 +56,9 @@ class PrunerModule(pl.LightningModule):
             raise ValueError(f"trunk_lr {trunk_lr} must be >= 0")
         if int(epochs) < 1:
             raise ValueError(f"epochs {epochs} must be >= 1")
-        self.save_hyperparameters(ignore=["target", "groups"])
+        self.save_hyperparameters(ignore=["target", "groups", "task"])
         self.groups = groups
+        self.task = task or ClassificationTask(groups.example_inputs)
         self.pruner = PrunerNetwork(
             target,
             groups,
@@ -85,14 +88,8 @@ class PrunerModule(pl.LightningModule):
         return self.pruner(x)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
-        x, y = batch[0], batch[1]
-        masks = self.pruner(x)
-        teacher = None
-        if self.objective.kd_weight > 0:
-            with torch.no_grad():
-                teacher = self.gated(x)
-        logits = self.gated(x, masks=masks)
-        terms = self.objective(logits, y, masks, teacher)
+        terms = pruner_terms(self.task, self.gated.target, self.gated, self.pruner, self.objective, batch)
+        logits, y, masks = terms["output"], terms["target"], terms["masks"]
         acc = (logits.argmax(-1) == y).float().mean() * 100.0
         keys = ["loss", "task", "sparsity", "flops_kept"]
         if self.objective.budget is not None:
@@ -109,7 +106,7 @@ class PrunerModule(pl.LightningModule):
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/channels_kept", terms["channels_kept"], on_step=False, on_epoch=True, sync_dist=True)
         if stage == "val":
-            n = x.shape[0]
+            n = y.shape[0]
             for name, m in masks.items():  # fraction kept, weighted by batch size
                 self._val_kept[name] = self._val_kept.get(name, 0) + m.detach().float().mean() * n
             self._val_count += n
@@ -134,8 +131,7 @@ class PrunerModule(pl.LightningModule):
         self._scores.reset()
 
     def test_step(self, batch, batch_idx):
-        x = batch[0]
-        self._scores.update(self.pruner.keep_probabilities(x))
+        self._scores.update(self.pruner.keep_probabilities(self.task.pruner_input(self.gated.target, batch)))
 
     def on_test_epoch_end(self) -> None:
         self.keep_scores = self._scores.compute()

@@ -1,0 +1,84 @@
+"""The task seam: a task that is neither classification nor detection gets the whole engine by stating what differs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pnp
+from pnp.core.task import ClassificationTask, PruningTask, calibrate_keep_scores, pruner_terms
+
+
+class TinySegmenter(nn.Module):
+    """Per-pixel class logits from a dict input: what a segmentation model looks like to pnp."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                                     nn.Conv2d(12, 16, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Conv2d(16, 3, 1)
+        self.fc = nn.Linear(16, 1)  # what the pruner's head replaces: the pooled encoder feature
+
+    def forward(self, image):
+        return self.classifier(self.encoder(image))
+
+
+class PooledEncoder(nn.Module):
+    def __init__(self, seg: TinySegmenter):
+        super().__init__()
+        self.encoder, self.fc = seg.encoder, seg.fc
+
+    def forward(self, image):
+        return self.fc(self.encoder(image).mean(dim=(2, 3)))
+
+
+class SegmentationTask(PruningTask):
+    def example_inputs(self, model):
+        return {"image": torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))}
+
+    def pruner_input(self, model, batch):
+        return batch["image"]
+
+    def output(self, model, batch):
+        return model(batch["image"]), batch["mask"]
+
+
+def test_a_new_task_gets_groups_pruner_training_readout_and_exact_surgery():
+    torch.manual_seed(0)
+    model = TinySegmenter().eval()
+    task = SegmentationTask()
+    groups = task.find_groups(model)
+    assert set(groups.names) == {"encoder.0", "encoder.3"} and "classifier" in groups.excluded
+
+    pruner = pnp.PrunerNetwork(PooledEncoder(model), groups, example_inputs=task.example_inputs(model)["image"],
+                               head_layer="fc", mask_mode="batch")
+    gate = pnp.GatedModel(task.prunable(model), groups, freeze=True)
+    loss = pnp.PrunerLoss(groups, task_loss=lambda out, y: F.cross_entropy(out, y), budget=0.5)
+    batch = {"image": torch.randn(4, 1, 8, 8), "mask": torch.randint(0, 3, (4, 8, 8))}
+    terms = pruner_terms(task, model, gate, pruner, loss, batch)
+    terms["loss"].backward()
+    assert terms["output"].shape == (4, 3, 8, 8) and torch.isfinite(terms["loss"])
+    assert pruner.head.linear.weight.grad.abs().sum() > 0  # the task loss reaches the pruner through the gates
+    assert all(p.grad is None for p in model.parameters())  # the target stays frozen
+    gate.remove()
+
+    scores = calibrate_keep_scores(task, model, pruner, groups, [batch, batch])
+    keep, info = pnp.decide_keep(groups, scores, budget=0.5)
+    pruned = task.surgery(model, groups, keep)  # verified against the gated original
+    assert info["flops_fraction"] <= 0.5 and pruned.classifier.in_channels == int(keep["encoder.3"].sum())
+    assert model.classifier.in_channels == 16  # the original is untouched
+
+
+def test_classification_task_is_what_the_lightning_module_trains_with():
+    from pnp.core.builders import build_model
+    from pnp.training.pruner_module import PrunerModule
+
+    model = build_model("pnp:lenet5", in_channels=1, num_classes=10, input_size=28)
+    x = torch.randn(2, 1, 28, 28)
+    task = ClassificationTask(x)
+    groups = task.find_groups(model)
+    module = PrunerModule(model, groups, task=task, budget=0.5, mask_mode="batch", kd_weight=1.0)
+    loss = module.training_step((x, torch.tensor([1, 2])), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and module.pruner.head.linear.weight.grad.abs().sum() > 0
