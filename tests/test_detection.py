@@ -559,6 +559,7 @@ def test_train_net_runs_every_stage_reports_and_skips_what_is_done(tmp_path, fas
         assert {"AP", "AP50", "AP75", "backbone_flops", "flops", "params", "latency"} <= set(report[stage])
     readout = report["pruned"]["readout"]
     assert readout["scope"] == "detector" and 0.4 < readout["flops_fraction"] <= 0.5  # of the whole detector
+    assert "roi_heads.box_predictor.cls_score" in readout["left_out"]  # with its reason
     assert report["pruned"]["flops"] < 0.7 * report["baseline"]["flops"]
     assert report["finetuned"]["params"] == report["pruned"]["params"] < report["baseline"]["params"]
     assert list(out.glob("logs/finetuned/events.out.tfevents.*"))  # TensorBoard
@@ -678,3 +679,26 @@ def test_training_with_a_seed_is_repeatable(det_datasets, tmp_path):
         weights.append(load_pruned_detector(out, cfg=cfg, dataset=det_datasets[0]).state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # same seed: same detector
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_mask_rcnn_heads_read_the_pruned_pyramid_and_are_cut_with_it(randomize_norms):
+    """Mask R-CNN: the mask head's convolutions join the groups, so a narrower pyramid never leaves it unfed."""
+    torch.manual_seed(0)
+    cfg = detector_config(depth=18, image_size=64, fpn_channels=32)
+    cfg.MODEL.MASK_ON = True
+    cfg.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+    cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 16
+    cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 2
+    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 20
+    detector = randomize_norms(build_detector(cfg)).eval()
+    groups = find_detector_groups(detector, 64)
+    pyramid = groups["backbone.fpn_output5"]
+    assert "roi_heads.mask_head.mask_fcn1" in pyramid.consumers
+    assert "roi_heads.mask_head.mask_fcn1" in groups.names and "roi_heads.mask_head.predictor" in groups.excluded
+    keep = pnp.keep_from_ratio(groups, 0.5, generator=torch.Generator().manual_seed(0))
+    pruned = prune_detector(detector, groups, keep).eval()  # verified, mask logits included
+    assert pruned.roi_heads.mask_head.mask_fcn1.in_channels == int(keep["backbone.fpn_output5"].sum())
+    with torch.no_grad():
+        (out,) = pruned([{"image": torch.rand(3, 64, 64) * 255}])
+    assert out["instances"].has("pred_masks")

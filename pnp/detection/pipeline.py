@@ -279,6 +279,10 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
             raise ValueError(f"the keep scores do not fit the detector's channel groups (e.g. {wrong[0]!r}): were they "
                              f"made for another detector or another scope than {scope!r}?")
         keep, info = decide_detector_keep(groups, keep_scores, budget=budget, scope=scope, **readout)
+        info["left_out"] = dict(groups.excluded)
+        if is_global_zero():
+            print(f"[pnp] {len(groups)} channel groups ({groups.total_channels} channels) pruned under one budget; "
+                  f"left out: " + "; ".join(f"{n} ({why})" for n, why in groups.excluded.items()), flush=True)
         pruned = prune_detector(detector, groups, keep)
         if is_global_zero():
             write_keep_decisions(out / "logs" / name / KEEP_FILE, groups, keep, _plain(info))

@@ -46,6 +46,8 @@ SCOPES = ("detector", "backbone")
 BACKBONE_PREFIX = "backbone."
 # what a backbone-scoped pruning leaves whole: the FPN outputs and every head reading them
 _OUTSIDE_BACKBONE = ("proposal_generator.*", "roi_heads.*", "head.*", "backbone.fpn_output*", "backbone.top_block.*")
+# per-instance heads of R-CNN detectors, run on the same RoIs as the box head
+_INSTANCE_HEADS = ("mask", "keypoint")
 # box sizes (pixels) of the fixed RoIs the dense path pools: every FPN level gets some
 _ROI_SIZES = (16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
 
@@ -60,9 +62,13 @@ def check_scope(scope) -> str:
 def meta_architecture(detector: nn.Module) -> str:
     """``"rcnn"`` (proposal generator + RoI heads) or ``"retinanet"`` (one dense head), else raise."""
     if hasattr(detector, "proposal_generator") and hasattr(detector, "roi_heads"):
-        if not hasattr(detector.roi_heads, "box_pooler"):
-            raise ValueError(f"{type(detector.roi_heads).__name__} has no box_pooler: pnp prunes R-CNN detectors "
-                             "with StandardROIHeads-style box heads")
+        heads = detector.roi_heads
+        missing = [f"{kind}_pooler" for kind in ("box", *_INSTANCE_HEADS)
+                   if (kind == "box" or getattr(heads, f"{kind}_on", False)) and getattr(heads, f"{kind}_pooler", None) is None]
+        if missing:
+            raise ValueError(f"{type(heads).__name__} has no {missing[0]}: pnp prunes R-CNN detectors whose RoI heads "
+                             "pool from the feature pyramid (StandardROIHeads); the shared-res5 RoI heads (Res5ROIHeads) "
+                             "are not supported, use --scope backbone or a StandardROIHeads config")
         return "rcnn"
     if hasattr(detector, "head") and hasattr(detector, "head_in_features"):
         return "retinanet"
@@ -74,9 +80,9 @@ class DenseDetector(nn.Module):
     """The dense path of a detectron2 detector as one module: ``forward(images, boxes)`` returns tensors.
 
     It shares the detector's children, so its module names are the detector's and
-    gates or surgery on it act on the detector. R-CNN: the backbone's features, the
-    RPN head's outputs on every level, and the box predictor's outputs for ``boxes``
-    (fixed RoIs of one image, pooled from the pyramid like proposals). RetinaNet:
+    gates or surgery on it act on the detector. R-CNN: the RPN head's outputs on
+    every level, and the box predictor's (and a mask or keypoint head's) outputs for
+    ``boxes`` (fixed RoIs of one image, pooled from the pyramid like proposals). RetinaNet:
     the head's outputs on every level (``boxes`` is unused). Proposal selection,
     NMS and post-processing are not part of it: they have no channels to prune.
     """
@@ -98,10 +104,16 @@ class DenseDetector(nn.Module):
             logits, deltas = self.head([features[f] for f in self.head_in_features])
             return (*logits, *deltas)
         rpn, heads = self.proposal_generator, self.roi_heads
+        rois = [Boxes(boxes)] * images.shape[0]
         objectness, anchor_deltas = rpn.rpn_head([features[f] for f in rpn.in_features])
-        pooled = heads.box_pooler([features[f] for f in heads.box_in_features], [Boxes(boxes)] * images.shape[0])
+        pooled = heads.box_pooler([features[f] for f in heads.box_in_features], rois)
         scores, box_deltas = heads.box_predictor(heads.box_head(pooled))
-        return (scores, box_deltas, *objectness, *anchor_deltas)
+        outputs = [scores, box_deltas, *objectness, *anchor_deltas]
+        for kind in _INSTANCE_HEADS:  # Mask R-CNN's and keypoint heads read the pyramid too
+            if getattr(heads, f"{kind}_on", False):
+                pooler, head = getattr(heads, f"{kind}_pooler"), getattr(heads, f"{kind}_head")
+                outputs.append(head.layers(pooler([features[f] for f in getattr(heads, f"{kind}_in_features")], rois)))
+        return tuple(outputs)
 
 
 def example_image_batch(model: nn.Module, image_size: int) -> torch.Tensor:
