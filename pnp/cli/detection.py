@@ -68,10 +68,17 @@ def check_args(args: argparse.Namespace) -> None:
 def setup(args: argparse.Namespace):
     """Register the data, compose the config (pnp's recipe, ``--config-file``, ``KEY VALUE`` pairs), set up the job."""
     from detectron2.engine import default_setup
+    from detectron2.utils import comm
 
     from pnp.detection.pipeline import build_config, register_splits
 
-    train, val = register_splits(args.dataset_dir, args.num_images, args.image_size, args.fashion_root)
+    if args.num_images is not None and comm.get_world_size() > 1:  # one process composes, the others wait
+        if comm.is_main_process():
+            register_splits(args.dataset_dir, args.num_images, args.image_size, args.fashion_root)
+        comm.synchronize()
+        train, val = register_splits(args.dataset_dir, None, args.image_size, args.fashion_root)
+    else:
+        train, val = register_splits(args.dataset_dir, args.num_images, args.image_size, args.fashion_root)
     cfg = build_config(train, val, args.depth, args.image_size, args.config_file, args.opts or [], args.output_dir,
                        meta_architecture=args.meta_architecture)
     default_setup(cfg, args)

@@ -434,7 +434,7 @@ def run_stages(stages: Sequence[str], cfg, out: str | Path, budget: float | None
         else:
             finetune_pruned(cfg, out, kd_fpn, kd_cls, finetune_iters, finetune_lr)
         durations[stage] = round(time.perf_counter() - start, 2)
-    if not report:
+    if not report or not is_global_zero():
         return None
     result = write_report(cfg, out, durations)
     print(format_detection_table(result))
