@@ -702,3 +702,18 @@ def test_mask_rcnn_heads_read_the_pruned_pyramid_and_are_cut_with_it(randomize_n
     with torch.no_grad():
         (out,) = pruned([{"image": torch.rand(3, 64, 64) * 255}])
     assert out["instances"].has("pred_masks")
+
+
+def test_inheritance_keeps_the_learned_widths_and_takes_the_criterions_channels(pruned_setup, tmp_path):
+    from pnp.detection.pipeline import prune_baseline
+
+    cfg, detector, groups, _, _ = pruned_setup
+    out = tmp_path / "run"
+    save_pruned_detector(detector, cfg, out / "baseline")
+    scores = {g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(3)) for g in groups}
+    learned = load_pruned_detector(prune_baseline(cfg, out, 0.5, scores=scores, name="learned"))
+    inherited = load_pruned_detector(prune_baseline(cfg, out, 0.5, scores=scores, name="inherited", inherit="magnitude"))
+    a, b = learned.pnp_channel_spec.groups, inherited.pnp_channel_spec.groups
+    assert {k: len(v) for k, v in a.items()} == {k: len(v) for k, v in b.items()}  # the same architecture
+    assert a != b  # filled with other channels
+    assert inherited.pnp_metadata["readout"]["inherit"] == "magnitude"

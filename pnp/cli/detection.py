@@ -41,6 +41,8 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--scope", default="detector", choices=list(SCOPES),
                    help="detector: backbone, FPN and heads under one budget; backbone: the backbone only")
     p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
+    p.add_argument("--inherit", default="learned", choices=["learned", "l1", "magnitude"],
+                   help="which channels fill the learned widths: the pruner's picks or a criterion's")
     p.add_argument("--pruner-iters", type=int, default=200)
     p.add_argument("--pruner-lr", type=float, default=1e-3)
     p.add_argument("--sparsity-weight", type=float, default=1.0)
@@ -95,6 +97,7 @@ def run(args: argparse.Namespace):
         stages, cfg, args.output_dir, budget=args.budget, pruner_iters=args.pruner_iters, pruner_lr=args.pruner_lr,
         sparsity_weight=args.sparsity_weight, kd_fpn=args.kd_fpn, kd_cls=args.kd_cls,
         finetune_iters=args.finetune_iters, finetune_lr=args.finetune_lr, scope=args.scope, round_to=args.round_to,
+        inherit=args.inherit,
     )
 
 

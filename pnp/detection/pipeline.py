@@ -259,12 +259,16 @@ def read_scores(out: str | Path) -> dict[str, torch.Tensor]:
 
 
 def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "detector",
-                   scores: dict[str, torch.Tensor] | None = None, name: str = "pruned", **readout) -> Path:
+                   scores: dict[str, torch.Tensor] | None = None, name: str = "pruned", inherit: str = "learned",
+                   **readout) -> Path:
     """Read out keep scores at ``budget`` (fraction of the ``scope``'s FLOPs), cut ``out/baseline``; write ``out/<name>``.
 
     ``scores`` default to ``out/pruner``'s; a criterion's scores (``pnp.core.criteria``)
-    go through the same read-out and surgery. ``readout`` goes to :func:`decide_detector_keep`
-    (``round_to``, ``min_channels``, ``fill``).
+    go through the same read-out and surgery. ``inherit`` chooses which channels fill
+    the widths read out: ``"learned"`` (the scores' own picks) or a data-free
+    criterion (``"l1"``, ``"magnitude"``), as the classification stages' weight
+    inheritance does. ``readout`` goes to :func:`decide_detector_keep` (``round_to``,
+    ``min_channels``, ``fill``).
     """
     out = Path(out)
     cfg = _stage_cfg(cfg, out, name)
@@ -280,6 +284,12 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
                              f"made for another detector or another scope than {scope!r}?")
         keep, info = decide_detector_keep(groups, keep_scores, budget=budget, scope=scope, **readout)
         info["left_out"] = dict(groups.excluded)
+        if inherit != "learned":
+            from pnp.core.readout import reselect_keep
+            from pnp.detection.pruning import rank_detector_channels
+
+            keep, _ = reselect_keep(groups, keep, rank_detector_channels(detector, groups, inherit))
+        info["inherit"] = inherit
         if is_global_zero():
             print(f"[pnp] {len(groups)} channel groups ({groups.total_channels} channels) pruned under one budget; "
                   f"left out: " + "; ".join(f"{n} ({why})" for n, why in groups.excluded.items()), flush=True)
@@ -289,6 +299,8 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
             save_pruned_detector(pruned, cfg, out / name, metadata={"readout": _plain(info)}, overwrite=True)
 
     settings = stage_settings(cfg, budget=budget, scope=scope, **readout)
+    if inherit != "learned":
+        settings["inherit"] = inherit  # absent for the default, so records made before the option still match
     if given:
         settings["scores"] = hashlib.sha256(json.dumps({k: v.tolist() for k, v in sorted(scores.items())}).encode()).hexdigest()[:16]
     inputs = [out / "baseline"] + ([] if given else [out / "pruner" / SCORES_FILE])
@@ -411,7 +423,7 @@ def _plain(info: dict) -> dict:
 def run_stages(stages: Sequence[str], cfg, out: str | Path, budget: float | None = 0.5, pruner_iters: int = 100,
                pruner_lr: float = 1e-3, sparsity_weight: float = 1.0, kd_fpn: float = 0.0, kd_cls: float = 0.0,
                finetune_iters: int | None = None, finetune_lr: float | None = None, report: bool = True,
-               scope: str = "detector", round_to: int = 1, min_channels: int = 1) -> dict | None:
+               scope: str = "detector", round_to: int = 1, min_channels: int = 1, inherit: str = "learned") -> dict | None:
     """Run ``stages`` in order (a subset of :data:`STAGES`), then write and print the report.
 
     ``budget`` is the fraction of the ``scope``'s FLOPs to keep: the whole detector's
@@ -430,7 +442,7 @@ def run_stages(stages: Sequence[str], cfg, out: str | Path, budget: float | None
             train_detector_pruner(cfg, out, pruner_iters, budget, lr=pruner_lr, sparsity_weight=sparsity_weight,
                                   scope=scope)
         elif stage == "prune":
-            prune_baseline(cfg, out, budget, scope=scope, round_to=round_to, min_channels=min_channels)
+            prune_baseline(cfg, out, budget, scope=scope, inherit=inherit, round_to=round_to, min_channels=min_channels)
         else:
             finetune_pruned(cfg, out, kd_fpn, kd_cls, finetune_iters, finetune_lr)
         durations[stage] = round(time.perf_counter() - start, 2)
