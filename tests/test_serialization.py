@@ -397,3 +397,33 @@ def test_spec_that_does_not_describe_the_model_is_refused(resnet, tmp_path):
     with pytest.raises(ArtifactError, match=r"spec\.modules\['bn1'\]\.kept_out keeps \d+ channels, but the layer has 64"):
         save_pruned(original, tmp_path / "model", spec=pruned.pnp_channel_spec, **RESNET)
     assert not (tmp_path / "model").exists()
+
+
+def test_an_artifact_cannot_make_pnp_run_code(tmp_path):
+    """channels.json may name any 'module:function'; pnp refuses to import one a file names unless allowed."""
+    import json
+
+    from pnp.core.builders import allow_builder
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    directory = save_pruned(model, tmp_path / "model", builder="torchvision:resnet18", overwrite=True)
+    marker = tmp_path / "ran"
+    channels = json.loads((directory / "channels.json").read_text())
+    channels.update(builder="os:system", builder_kwargs={"command": f"touch {marker}"})
+    (directory / "channels.json").write_text(json.dumps(channels))
+    with pytest.raises(ArtifactError, match="'os:system', which is not on pnp's allow-list"):
+        load_pruned(directory)
+    assert not marker.exists()
+
+    # a builder the caller names, or one allowed in code, is the caller's say-so
+    channels.update(builder="test_serialization:small_linear", builder_kwargs={})
+    (directory / "channels.json").write_text(json.dumps(channels))
+    with pytest.raises(ArtifactError, match="not on pnp's allow-list"):
+        load_pruned(directory)
+    assert isinstance(load_pruned(directory, trust_builder=True), torch.nn.Sequential)
+    allow_builder("test_serialization:small_linear")
+    assert isinstance(load_pruned(directory), torch.nn.Sequential)
+
+
+def small_linear():
+    return torch.nn.Sequential(torch.nn.Linear(3, 2))

@@ -103,8 +103,11 @@ def _load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], field:
     model.load_state_dict(state, strict=True)
 
 
-def load_pruned_model(field: str, value: str) -> nn.Module:
-    """The pruned model at ``value``: a pnp-prune / pnp-finetune / pipeline directory or a saved model."""
+def load_pruned_model(field: str, value: str, trusted_builder: str | None = None) -> nn.Module:
+    """The pruned model at ``value``: a pnp-prune / pnp-finetune / pipeline directory or a saved model.
+
+    Its builder must be on pnp's allow-list, or be ``trusted_builder`` (the command's ``model.builder``).
+    """
     path = Path(value).expanduser()
     saved = find_saved_model(path, _PRUNED_PLACES) if path.is_dir() else None
     if saved is None:
@@ -114,7 +117,7 @@ def load_pruned_model(field: str, value: str) -> nn.Module:
             "pass a pnp-prune run directory",
         )
     try:
-        return load_pruned(saved)
+        return load_pruned(saved, trust_builder=trusted_builder or False)
     except ArtifactError as exc:
         raise ConfigError(field, value, str(exc)) from None
 

@@ -254,7 +254,7 @@ def train(cfg: DictConfig, data: Data, stage: StageDir, state: str) -> StageResu
     from pnp.core.builders import build_model
 
     if state == "done":
-        return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR), skipped=True)
+        return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR, trust_builder=data.builder), skipped=True)
     import pytorch_lightning as pl
 
     start = time.perf_counter()
@@ -455,7 +455,7 @@ def prune(
     ``cfg.inherit`` says (see :func:`inherit`).
     """
     if state == "done":
-        return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR), skipped=True)
+        return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR, trust_builder=data.builder), skipped=True)
     start = time.perf_counter()
     stage.start()
     inherited = None
@@ -529,7 +529,7 @@ def finetune(
     ``before`` (the pruned model's summary before fine-tuning) is kept in the report.
     """
     if state == "done":
-        return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR), skipped=True)
+        return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR, trust_builder=data.builder), skipped=True)
     import pytorch_lightning as pl
 
     start = time.perf_counter()
@@ -558,7 +558,7 @@ def target_from(cfg: DictConfig, data: Data, field: str = "target") -> nn.Module
 
 
 def pruned_from(cfg: DictConfig, data: Data) -> nn.Module:
-    model = load_pruned_model("pruned", cfg.pruned)
+    model = load_pruned_model("pruned", cfg.pruned, trusted_builder=data.builder)
     shape = (model.pnp_metadata or {}).get("input_shape")
     if shape is not None and tuple(shape) != data.input_shape:
         raise ConfigError("pruned", cfg.pruned, f"the model takes inputs of shape {tuple(shape)}, but data {cfg.data.name!r} gives {data.input_shape}")

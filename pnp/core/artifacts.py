@@ -26,7 +26,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pnp.core.builders import build_model
+from pnp.core.builders import build_model, builder_allowed
 from pnp.core.groups import run_model
 from pnp.core.handlers import handler_for, shrink_module
 from pnp.core.surgery import ChannelSpec
@@ -266,12 +266,16 @@ def load_pruned(
     builder: str | None = None,
     builder_kwargs: Mapping[str, Any] | None = None,
     map_location: str | torch.device = "cpu",
+    trust_builder: bool | str = False,
 ) -> nn.Module:
     """Rebuild the pruned model saved in ``directory``, in eval mode.
 
     The original architecture is built with the artifact's builder; ``builder``
     replaces it and ``builder_kwargs`` override the saved keyword arguments one by
-    one. Every layer listed in ``channels.json`` is shrunk to its kept channels,
+    one. A builder read from the artifact must be on pnp's allow-list
+    (:func:`pnp.core.builders.builder_allowed`: ``pnp:``, ``torchvision:``, or
+    allowed in code with :func:`pnp.core.builders.allow_builder`); otherwise
+    ``trust_builder=True`` (or that builder's name) opts in for this call. Every layer listed in ``channels.json`` is shrunk to its kept channels,
     then the weights are loaded strictly (in the precision they were saved in) and
     the model is moved to ``map_location``. The model carries
     ``pnp_channel_spec`` (a :class:`ChannelSpec`) and ``pnp_metadata``.
@@ -285,7 +289,16 @@ def load_pruned(
     channels = _read_channels(directory / CHANNELS_FILE)
     state = _read_weights(directory / WEIGHTS_FILE)
 
+    from_file = builder is None
     builder = channels["builder"] if builder is None else builder
+    if from_file and builder is not None and not (trust_builder is True or trust_builder == builder
+                                                  or builder_allowed(builder)):
+        raise ArtifactError(
+            f"{CHANNELS_FILE} in {directory} names the builder {builder!r}, which is not on pnp's allow-list "
+            "('pnp:<name>', 'torchvision:<name>', or names allowed with pnp.core.builders.allow_builder); "
+            "pnp does not import or call a function because a file names it. If you trust this artifact, pass "
+            f"trust_builder=True (or builder={builder!r}) to load_pruned"
+        )
     if builder is None:
         raise ArtifactError(
             f"{CHANNELS_FILE} in {directory} has no builder (it was saved without one); pass "

@@ -3,6 +3,11 @@
 A builder name is ``"torchvision:<name>"`` (any torchvision classification
 model), ``"pnp:<name>"`` (a builder registered with :func:`register_builder`) or
 ``"package.module:function"`` (an importable function of the user's).
+
+A builder named by a *file* (an artifact's ``channels.json``) is only used when it
+is on the allow-list (:func:`builder_allowed`): ``pnp:`` and ``torchvision:``
+builders, and ``"package.module:function"`` names that code has allowed with
+:func:`allow_builder`. pnp never imports or calls a function because a file says so.
 """
 
 from __future__ import annotations
@@ -25,6 +30,23 @@ def register_builder(name: str):
         return fn
 
     return decorator
+
+
+_ALLOWED: set[str] = set()
+SAFE_SOURCES = ("pnp", "torchvision")
+
+
+def allow_builder(name: str) -> str:
+    """Let artifacts name the builder ``"package.module:function"`` (its code is trusted from now on)."""
+    if not isinstance(name, str) or ":" not in name:
+        raise ValueError(f"builder {name!r} is not of the form 'package.module:function'")
+    _ALLOWED.add(name)
+    return name
+
+
+def builder_allowed(name) -> bool:
+    """True when a file may name ``name`` as its builder (see the module docstring)."""
+    return isinstance(name, str) and (name.split(":", 1)[0] in SAFE_SOURCES or name in _ALLOWED)
 
 
 def registered_builders() -> list[str]:

@@ -24,12 +24,13 @@ import torch
 import torch.nn as nn
 
 from pnp.core.artifacts import CHANNELS_FILE, ArtifactError, load_pruned, save_pruned
+from pnp.core.builders import allow_builder
 from pnp.core.surgery import ChannelSpec
 from pnp.detection.compat import import_detectron2
 from pnp.detection.pruning import pruned_config, sync_output_shapes
 from pnp.core.io import write_text_atomic
 
-BUILDER = "pnp.detection.checkpoint:detector_from_config"
+BUILDER = allow_builder("pnp.detection.checkpoint:detector_from_config")  # detection artifacts name it
 CONFIG_FILE = "config.yaml"
 
 
