@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 import pickle
 import struct
 
@@ -236,3 +237,18 @@ def test_no_validation_split(tmp_path):
     make_fashion_mnist(tmp_path / "fm", gz=True)
     dm = build_datamodule("fashion_mnist", root=tmp_path / "fm", val_size=0)
     assert len(dm.train_dataset) == 40 and dm.val_dataloader() == []
+
+
+def test_a_crafted_cifar_batch_cannot_run_code(tmp_path):
+    write_cifar(tmp_path)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as fh:
+        pickle.dump({b"data": Payload(), b"labels": [0]}, fh, protocol=2)
+    with pytest.raises(ValueError, match=r"data_batch_1 is not a CIFAR batch pnp will read \(it refers to (posix|os)\.system"):
+        build_datamodule("cifar10", root=tmp_path, val_size=5)
+    assert not marker.exists()

@@ -513,11 +513,31 @@ def load_cifar(folder: Path, classes: int = 10):
     return (*parts, names)
 
 
+# what CIFAR's pickled batches hold: numpy arrays, and the bytes of protocol-2 pickles
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles arrays, lists, dicts and strings only: a crafted batch file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never holds")
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path):
-    # CIFAR is distributed as Python pickles; unpickling can run code, so these files
-    # are only ever read from the user's own data root, never fetched.
+    """A CIFAR batch (a Python pickle), read by an unpickler that builds only arrays and containers."""
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        try:
+            return _CifarUnpickler(f, encoding="bytes").load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise ValueError(f"{path} is not a CIFAR batch pnp will read ({exc}); data.root must hold the "
+                             "python-version CIFAR batches as distributed") from None
 
 
 # --------------------------------------------------------------------------- image folders
