@@ -8,7 +8,9 @@ command leaves an existing directory untouched.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import signal
 import sys
 import time
 from pathlib import Path
@@ -279,8 +281,15 @@ def _entry(command: str) -> None:
 
     def task(cfg: DictConfig) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        interrupted: list[int] = []
         try:
-            run(command, cfg, run_dir)
+            with _interrupts_recorded(interrupted):
+                run(command, cfg, run_dir)
+        except (KeyboardInterrupt, SystemExit):
+            if not interrupted:  # an exit of pnp's own, or of Lightning's for another reason
+                raise
+            print(f"{name}: {RESUME_HINT}", file=sys.stderr, flush=True)
+            sys.exit(130 if interrupted[0] == signal.SIGINT else 143)
         except _user_errors() as exc:
             message = str(exc).strip()
             if isinstance(exc, OmegaConfBaseException):
@@ -298,6 +307,30 @@ def _entry(command: str) -> None:
         print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     hydra.main(config_path=path, config_name=command, version_base="1.3")(task)()
+
+
+RESUME_HINT = "interrupted; run the same command again to resume"
+
+
+@contextlib.contextmanager
+def _interrupts_recorded(record: list[int]):
+    """Note SIGINT/SIGTERM, then interrupt as Ctrl-C does.
+
+    Lightning turns both into an exit of its own (status 1, or 0 for SIGTERM) after
+    writing the interrupted stage's checkpoint; the record tells such an exit from
+    any other, so the command can say so and exit 130/143.
+    """
+
+    def handler(signum, frame):
+        record.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def train() -> None:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pnp.cli.config import ConfigError, InputError, pruner_sparsity_weight
 from pnp.cli.loading import MODEL_DIR, load_pruned_model, load_target
-from pnp.training.runs import StageDir, is_global_zero
+from pnp.training.runs import INTERRUPTED_CHECKPOINT, StageDir, is_global_zero
 from pnp.core.artifacts import load_pruned, save_pruned
 from pnp.core.io import KEEP_FILE, KEEP_SCORES_FILE, load_keep_scores, save_keep_scores, save_tensors_atomic, write_keep_decisions
 
@@ -118,21 +118,22 @@ def what_config(cfg: DictConfig, *sections: str, **extra) -> dict:
 def make_trainer(cfg: DictConfig, stage: StageDir, epochs: int, monitor: str | None):
     """A Lightning Trainer as the ``trainer`` section says, logging and checkpointing into the stage."""
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
     _quiet_lightning()
     t = cfg.trainer
     devices = OmegaConf.to_container(t.devices) if OmegaConf.is_list(t.devices) else t.devices
-    checkpoint = ModelCheckpoint(
-        dirpath=stage.path / "checkpoints",
-        filename="best",
-        monitor=monitor,
-        mode="max",
-        save_top_k=1 if monitor else 0,
-        save_last=True,
-        enable_version_counter=False,
-    )
+    directory = stage.path / "checkpoints"
+    # the resume point: last.ckpt after every epoch, and when the run is interrupted
+    callbacks = [
+        ModelCheckpoint(dirpath=directory, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                        save_on_train_epoch_end=True, enable_version_counter=False),
+        OnExceptionCheckpoint(dirpath=directory, filename=INTERRUPTED_CHECKPOINT.stem),
+    ]
+    if monitor:
+        callbacks.append(ModelCheckpoint(dirpath=directory, filename="best", monitor=monitor, mode="max", save_top_k=1,
+                                         enable_version_counter=False))
     return pl.Trainer(
         accelerator=t.accelerator,
         devices=devices,
@@ -148,7 +149,7 @@ def make_trainer(cfg: DictConfig, stage: StageDir, epochs: int, monitor: str | N
         enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
         logger=TensorBoardLogger(save_dir=str(stage.path), name="tb", version="", default_hp_metric=False),
-        callbacks=[checkpoint],
+        callbacks=callbacks,
         default_root_dir=str(stage.path),
         enable_model_summary=False,
     )
@@ -174,8 +175,25 @@ def _quiet_lightning() -> None:
         log.addFilter(_DropTips())
 
 
+def readable_checkpoint(stage: StageDir) -> Path | None:
+    """The stage's ``last.ckpt`` if it can be read; an unreadable one (a full disk, a kill mid-write) is set aside."""
+    ckpt = stage.last_checkpoint
+    if ckpt is None:
+        return None
+    try:
+        torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reader error means the file cannot be resumed from
+        if is_global_zero():
+            aside = ckpt.with_name(ckpt.name + ".unreadable")
+            ckpt.replace(aside)
+            print(f"[pnp] {ckpt} cannot be read ({type(exc).__name__}); set aside as {aside.name}, "
+                  f"stage {stage.name!r} starts again", flush=True)
+        return None
+    return ckpt
+
+
 def fit(trainer, module, data: Data, stage: StageDir, resume: bool) -> None:
-    ckpt = stage.last_checkpoint if resume else None
+    ckpt = readable_checkpoint(stage) if resume else None
     if ckpt is not None and is_global_zero():
         print(f"[pnp] resuming stage {stage.name!r} from {ckpt}", flush=True)
     with warnings.catch_warnings():

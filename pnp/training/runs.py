@@ -4,7 +4,8 @@ A stage directory holds ``stage.json`` (the stage's config, written when it
 starts), Lightning's ``checkpoints/`` and TensorBoard ``tb/`` while it trains,
 and ``report.json`` once it has finished. Running a stage again in the same
 directory skips it when it finished with the same config, resumes it from
-``checkpoints/last.ckpt`` when it was interrupted, and refuses when the config
+``checkpoints/last.ckpt`` (every epoch) or ``checkpoints/interrupted.ckpt`` (written
+when SIGINT or SIGTERM stops it) when it was interrupted, and refuses when the config
 differs, so earlier results are never overwritten by a different experiment.
 """
 
@@ -19,7 +20,8 @@ from pnp.core.io import read_json, write_json_atomic
 
 STAGE_FILE = "stage.json"
 REPORT_FILE = "report.json"
-LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"  # written after every epoch
+INTERRUPTED_CHECKPOINT = Path("checkpoints") / "interrupted.ckpt"  # written when a run is stopped mid-epoch
 
 
 class StageConflictError(RuntimeError):
@@ -73,8 +75,9 @@ class StageDir:
 
     @property
     def last_checkpoint(self) -> Path | None:
-        path = self.path / LAST_CHECKPOINT
-        return path if path.is_file() else None
+        """The newest resume point: the last epoch's checkpoint, or the one an interruption wrote after it."""
+        found = [p for p in (self.path / LAST_CHECKPOINT, self.path / INTERRUPTED_CHECKPOINT) if p.is_file()]
+        return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
     def previous_config(self) -> dict | None:
         path = self.path / STAGE_FILE
