@@ -113,22 +113,15 @@ def test_calibration_loader_is_fixed_train_data_without_augmentation(tmp_path):
         dm.calibration_dataloader(31)
 
 
-def test_fashion_mnist_falls_back_to_the_system_copy(tmp_path):
-    make_fashion_mnist(tmp_path / "system-fashion-mnist", gz=True)
-    (tmp_path / "mine").mkdir()
-    for root in (tmp_path / "mine", None):
-        dm = build_datamodule("fashion_mnist", root=root, val_size=10)
-        assert dm.source == str(tmp_path / "system-fashion-mnist") and len(dm.test_dataset) == 20
-
-
 def test_missing_fashion_mnist_lists_every_place_looked(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DatasetNotFoundError) as info:
         build_datamodule("fashion_mnist", root=empty)
     message = str(info.value)
-    for place in (empty / "FashionMNIST" / "raw", empty, tmp_path / "system-fashion-mnist"):
+    for place in (empty / "FashionMNIST" / "raw", empty):
         assert str(place) in message
+    assert str(tmp_path / "system-fashion-mnist") not in message  # a given data.root is the only place looked
     assert "apt-get install dataset-fashion-mnist" in message
 
 
@@ -252,3 +245,13 @@ def test_a_crafted_cifar_batch_cannot_run_code(tmp_path):
     with pytest.raises(ValueError, match=r"data_batch_1 is not a CIFAR batch pnp will read \(it refers to (posix|os)\.system"):
         build_datamodule("cifar10", root=tmp_path, val_size=5)
     assert not marker.exists()
+
+
+def test_a_given_root_without_the_files_never_falls_back_to_the_system_copy(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    make_fashion_mnist(system, gz=True)
+    monkeypatch.setattr(data_mod, "SYSTEM_FASHION_MNIST_DIRS", (system,))
+    assert build_datamodule("fashion-mnist", val_size=10).name  # no root: the system copy
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="empty"):
+        build_datamodule("fashion-mnist", root=tmp_path / "empty", val_size=10)

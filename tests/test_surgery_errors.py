@@ -121,3 +121,15 @@ def test_mismatch_error_when_a_layer_kept_the_wrong_channels(case):
     other = {name: k.roll(1) for name, k in keep.items()}  # same counts, other channels
     with pytest.raises(SurgeryMismatchError, match=r"first at layer '"):
         verify_surgery(model, pruned, groups, other, x)
+
+
+@pytest.mark.parametrize("values", [[0.9, 0.2], [float("nan"), 1.0]])
+def test_probabilities_are_not_keep_decisions(case, values):
+    model, groups, x = case
+    keep = torch.ones(12)
+    keep[:2] = torch.tensor(values)
+    with pytest.raises(ValueError, match=r"keep\['conv1'\] holds .*: keep decisions are booleans \(or exactly 0/1\)"):
+        apply_surgery(model, groups, {"conv1": keep}, x)
+    keep01 = torch.ones(12)
+    keep01[:4] = 0.0  # exactly 0/1 floats are decisions
+    assert apply_surgery(model, groups, {"conv1": keep01}, x).pnp_channel_spec.groups["conv1"] == list(range(4, 12))

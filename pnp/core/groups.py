@@ -78,6 +78,12 @@ class ChannelGroup:
                 f"keep[{self.name!r}] has shape {tuple(keep.shape)}, but group "
                 f"{self.name!r} has {self.size} channels: pass a vector of length {self.size}"
             )
+        if keep.dtype != torch.bool and not bool(((keep == 0) | (keep == 1)).all()):
+            odd = keep[(keep != 0) & (keep != 1)][:3].tolist()
+            raise ValueError(
+                f"keep[{self.name!r}] holds {odd}: keep decisions are booleans (or exactly 0/1); "
+                "threshold probabilities first, e.g. with pnp.decide_keep"
+            )
         keep = keep.bool()
         if not bool(keep.any()):
             raise ValueError(

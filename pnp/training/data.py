@@ -387,11 +387,10 @@ def _tensor_stats(images: torch.Tensor, channels: int, chunk: int = 5000) -> tup
 
 
 def fashion_mnist_places(root: Path | None) -> list[Path]:
-    """Folders searched for the IDX files, in order."""
-    places = []
+    """Folders searched for the IDX files, in order: a given ``root`` only (no fallback), else the system's."""
     if root is not None:
-        places += [root / "FashionMNIST" / "raw", root]
-    return places + list(SYSTEM_FASHION_MNIST_DIRS)
+        return [root / "FashionMNIST" / "raw", root]
+    return list(SYSTEM_FASHION_MNIST_DIRS)
 
 
 def _find_idx(folder: Path, base: str) -> Path | None:
