@@ -279,7 +279,10 @@ def _entry(command: str) -> None:
     register_schemas()
     name = COMMANDS[command]
 
+    started: list[bool] = []
+
     def task(cfg: DictConfig) -> None:
+        started.append(True)
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         interrupted: list[int] = []
         try:
@@ -306,7 +309,15 @@ def _entry(command: str) -> None:
     except FileNotFoundError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    hydra.main(config_path=path, config_name=command, version_base="1.3")(task)()
+    try:
+        hydra.main(config_path=path, config_name=command, version_base="1.3")(task)()
+    except SystemExit as exc:
+        # Hydra exits 1 both for a config it cannot compose (an unknown key, a bad
+        # override: bad input) and for a crash inside the command; only the first
+        # happens before the command starts
+        if exc.code == 1 and not started:
+            sys.exit(2)
+        raise
 
 
 RESUME_HINT = "interrupted; run the same command again to resume"
