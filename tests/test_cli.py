@@ -197,6 +197,17 @@ def test_prune_from_given_keep_decisions(tmp_path, data_root, lenet_dir):
     assert report["after"]["flops"] < report["before"]["flops"]
     assert (out / "channels_per_layer.png").is_file() and (out / ".hydra" / "config.yaml").is_file()
 
+    # the same command again: done, nothing rewritten; an edited keep file is a different input, refused
+    from pnp.training.runs import StageConflictError
+
+    before = snapshot(out)
+    run("prune", cfg, out)
+    assert snapshot(out) == before
+    keep.write_text('{"groups": {"features.0": [0, 1, 2, 3], "features.3": [1, 3, 5, 7, 9, 11]}}')
+    with pytest.raises(StageConflictError, match=r"keep\.content"):
+        run("prune", cfg, out)
+    assert snapshot(out) == before
+
 
 def quick_overrides_for(data_root: Path, tmp_path: Path) -> list[str]:
     return [f"data.root={data_root}", f"out_dir={tmp_path / 'out'}", "data.val_size=50"]

@@ -21,7 +21,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pnp.cli.config import ConfigError, InputError, config_dir, register_schemas, validate
 from pnp.cli.loading import read_keep_file
 from pnp.training.runs import StageConflictError, StageDir, is_global_zero
-from pnp.core.io import write_json_atomic, write_text_atomic
+from pnp.core.io import read_json, write_json_atomic, write_text_atomic
 
 REPORT_FILE = "report.json"
 STAGES = ("train", "train_pruner", "prune", "finetune")
@@ -86,6 +86,15 @@ def _required(command: str) -> tuple[str, ...]:
     return {"train_pruner": ("target",), "prune": ("target",), "finetune": ("pruned",)}.get(command, ())
 
 
+def _input(path: str | None) -> dict | None:
+    """A stage input as its record holds it: where it was and, by content, what it held."""
+    from pnp.core.io import content_digest
+
+    if path is None:
+        return None
+    return {"path": _abs(path), "content": content_digest(Path(path).expanduser())}
+
+
 def _abs(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
@@ -95,7 +104,8 @@ def _train(cfg, run_dir: Path, data) -> dict:
 
     stage = StageDir(run_dir, "train", stages.what_config(cfg, "model", "data", "train"))
     state = stage.check()
-    write_resolved_config(cfg, run_dir)
+    if state != "done":  # a finished stage keeps the record of the run that made it
+        write_resolved_config(cfg, run_dir)
     result = stages.train(cfg, data, stage, state)
     _say(_table(baseline=result.report.get("model"), stage_reports={"train": result.report}))
     _say_paths(run_dir, result.report, [])
@@ -107,9 +117,10 @@ def _train_pruner(cfg, run_dir: Path, data) -> dict:
 
     target = stages.target_from(cfg, data)
     stages.check_readout(cfg, data)
-    stage = StageDir(run_dir, "train_pruner", stages.what_config(cfg, "model", "data", "pruner", "readout", target=_abs(cfg.target)))
+    stage = StageDir(run_dir, "train_pruner", stages.what_config(cfg, "model", "data", "pruner", "readout", target=_input(cfg.target)))
     state = stage.check()
-    write_resolved_config(cfg, run_dir)
+    if state != "done":  # a finished stage keeps the record of the run that made it
+        write_resolved_config(cfg, run_dir)
     result = stages.train_pruner(cfg, data, stage, state, target, readout=True)
     info = result.report.get("readout", {})
     if info:
@@ -132,11 +143,12 @@ def _prune(cfg, run_dir: Path, data) -> dict:
     else:
         keep, info = stages.read_out(cfg, groups, stages.scores_from(cfg), ("pruner_run", cfg.pruner_run))
     stage = StageDir(run_dir, "prune", stages.what_config(
-        cfg, "model", "data", "readout", "inherit", verify=cfg.verify, target=_abs(cfg.target),
-        pruner_run=_abs(cfg.pruner_run), keep=_abs(cfg.keep),
+        cfg, "model", "data", "readout", "inherit", verify=cfg.verify, target=_input(cfg.target),
+        pruner_run=_input(cfg.pruner_run), keep=_input(cfg.keep),
     ))
     state = stage.check()
-    write_resolved_config(cfg, run_dir)
+    if state != "done":  # a finished stage keeps the record of the run that made it
+        write_resolved_config(cfg, run_dir)
     # a keep file is used as it is; decisions read out of a pruner run get their weights as cfg.inherit says
     result = stages.prune(cfg, data, stage, state, target, groups, keep, info, inherit_weights=cfg.keep is None)
     r = result.report
@@ -151,10 +163,11 @@ def _finetune(cfg, run_dir: Path, data) -> dict:
     pruned = stages.pruned_from(cfg, data)
     teacher = stages.target_from(cfg, data, "teacher") if cfg.teacher is not None else None
     stage = StageDir(run_dir, "finetune", stages.what_config(
-        cfg, "data", "finetune", pruned=_abs(cfg.pruned), teacher=_abs(cfg.teacher),
+        cfg, "data", "finetune", pruned=_input(cfg.pruned), teacher=_input(cfg.teacher),
     ))
     state = stage.check()
-    write_resolved_config(cfg, run_dir)
+    if state != "done":  # a finished stage keeps the record of the run that made it
+        write_resolved_config(cfg, run_dir)
     before = stages.summarize(pruned, data, cfg) if state != "done" else None
     result = stages.finetune(cfg, data, stage, state, copy.deepcopy(pruned), teacher, before=before)
     r = result.report
@@ -182,6 +195,13 @@ def _pipeline(cfg, run_dir: Path, data) -> dict:
                 f"stage {later_done[0]!r} in {dirs[later_done[0]].path} finished, but stage {name!r} before it did not: "
                 f"its results would be stale. Delete {', '.join(str(dirs[s].path) for s in later_done)} or choose another out_dir"
             )
+    if all(state == "done" for state in states.values()) and (run_dir / REPORT_FILE).is_file():
+        # nothing runs: the recorded config and report stay those of the run that made the results
+        report = read_json(run_dir / REPORT_FILE)
+        _say(f"[pnp] every stage finished in an earlier run; nothing was run, and {run_dir / REPORT_FILE} and "
+             f"{run_dir / '.hydra' / 'config.yaml'} are kept as that run wrote them")
+        _say(_table(report.get("before"), report.get("pruned"), report.get("after")))
+        return report
     stages.check_readout(cfg, data)
     write_resolved_config(cfg, run_dir)
     what = {

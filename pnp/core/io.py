@@ -8,6 +8,7 @@ safetensors file, whichever task made them; keep decisions are ``keep.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -97,3 +98,26 @@ def write_keep_decisions(path: str | Path, groups, keep: Mapping[str, torch.Tens
     text = json.dumps(doc, indent=2, default=_json_default)
     text = re.sub(r"\[[\d,\s-]*\]", lambda m: json.dumps(json.loads(m.group())), text)  # index lists on one line
     return write_text_atomic(path, text + "\n")
+
+
+# what a run directory holds besides its results: logs, resume points, records
+_NOT_CONTENT = {"checkpoints", "tb", ".hydra", "logs", "stage.json", "report.json"}
+
+
+def content_digest(*paths: str | Path) -> str:
+    """sha256 (16 hex digits) of what the files given, or the result files of the directories given, hold.
+
+    In a directory, logs, resume checkpoints and run records are left out: two runs
+    whose results are the same files have the same digest.
+    """
+    h = hashlib.sha256()
+    for path in map(Path, paths):
+        files = [path] if not path.is_dir() else sorted(
+            p for p in path.rglob("*") if p.is_file() and not _NOT_CONTENT & set(p.relative_to(path).parts)
+        )
+        for f in files:
+            h.update(f.name.encode())
+            with open(f, "rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]

@@ -36,8 +36,8 @@ from pnp.detection.engine import DetectionTrainer, evaluate_detector, train_prun
 from pnp.detection.modeling import detector_config
 from pnp.detection.pruning import decide_detector_keep, find_detector_groups, prune_detector
 from pnp.core.io import (
-    KEEP_FILE, KEEP_SCORES_FILE, load_keep_scores, save_keep_scores, save_tensors_atomic, write_json_atomic,
-    write_keep_decisions,
+    KEEP_FILE, KEEP_SCORES_FILE, content_digest, load_keep_scores, save_keep_scores, save_tensors_atomic,
+    write_json_atomic, write_keep_decisions,
 )
 from pnp.training.report import format_count, render_table
 from pnp.training.runs import StageDir, is_global_zero
@@ -128,19 +128,6 @@ def stage_settings(cfg, **extra) -> dict:
             node = node.get(key, {})
         node.pop(leaf, None)
     return {"detectron2": config, **extra}
-
-
-def content_digest(*paths: Path) -> str:
-    """sha256 of the files (or every file of the directories) given, in order: what a stage read."""
-    h = hashlib.sha256()
-    for path in paths:
-        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else [Path(path)]
-        for f in files:
-            h.update(f.name.encode())
-            with open(f, "rb") as stream:
-                for block in iter(lambda: stream.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _dataset_files(cfg) -> list[Path]:
