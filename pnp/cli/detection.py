@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 from pnp.detection.compat import import_detectron2
-
-RESUME_HINT = "interrupted; run the same command again to resume"
+from pnp.training.runs import RESUME_HINT, interrupted_status, interrupts_recorded
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -108,30 +106,24 @@ def _user_errors() -> tuple:
     return (ValueError, FileNotFoundError, ArtifactError, StageConflictError)
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(signum)
-
-
 def main(argv=None) -> int:
     """Parse, launch, and turn the outcome into an exit status (see the module's docstring)."""
     import_detectron2()
     from detectron2.engine import launch
 
     args = argument_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    interrupted: list[int] = []
     try:
         check_args(args)
-        launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
-    except KeyboardInterrupt as exc:
-        terminated = exc.args == (signal.SIGTERM,)
+        with interrupts_recorded(interrupted):
+            launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                   dist_url=args.dist_url, args=(args,))
+    except KeyboardInterrupt:
         print(f"[pnp] {RESUME_HINT}", file=sys.stderr, flush=True)
-        return 143 if terminated else 130
+        return interrupted_status(interrupted)
     except _user_errors() as exc:
         if os.environ.get("PNP_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0

@@ -8,9 +8,7 @@ command leaves an existing directory untouched.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import signal
 import sys
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pnp.cli.config import ConfigError, InputError, config_dir, register_schemas, validate
 from pnp.cli.loading import read_keep_file
-from pnp.training.runs import StageConflictError, StageDir, is_global_zero
+from pnp.training.runs import RESUME_HINT, StageConflictError, StageDir, interrupted_status, interrupts_recorded, is_global_zero
 from pnp.core.io import read_json, write_json_atomic, write_text_atomic
 
 REPORT_FILE = "report.json"
@@ -306,13 +304,13 @@ def _entry(command: str) -> None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         interrupted: list[int] = []
         try:
-            with _interrupts_recorded(interrupted):
+            with interrupts_recorded(interrupted):
                 run(command, cfg, run_dir)
         except (KeyboardInterrupt, SystemExit):
             if not interrupted:  # an exit of pnp's own, or of Lightning's for another reason
                 raise
             print(f"{name}: {RESUME_HINT}", file=sys.stderr, flush=True)
-            sys.exit(130 if interrupted[0] == signal.SIGINT else 143)
+            sys.exit(interrupted_status(interrupted))
         except _user_errors() as exc:
             message = str(exc).strip()
             if isinstance(exc, OmegaConfBaseException):
@@ -338,30 +336,6 @@ def _entry(command: str) -> None:
         if exc.code == 1 and not started:
             sys.exit(2)
         raise
-
-
-RESUME_HINT = "interrupted; run the same command again to resume"
-
-
-@contextlib.contextmanager
-def _interrupts_recorded(record: list[int]):
-    """Note SIGINT/SIGTERM, then interrupt as Ctrl-C does.
-
-    Lightning turns both into an exit of its own (status 1, or 0 for SIGTERM) after
-    writing the interrupted stage's checkpoint; the record tells such an exit from
-    any other, so the command can say so and exit 130/143.
-    """
-
-    def handler(signum, frame):
-        record.append(signum)
-        raise KeyboardInterrupt
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def train() -> None:

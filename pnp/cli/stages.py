@@ -29,7 +29,6 @@ from pnp.training.runs import INTERRUPTED_CHECKPOINT, StageDir, is_global_zero
 from pnp.core.artifacts import load_pruned, save_pruned
 from pnp.core.io import KEEP_FILE, KEEP_SCORES_FILE, load_keep_scores, save_keep_scores, save_tensors_atomic, write_keep_decisions
 
-SCORES_FILE = KEEP_SCORES_FILE
 PRUNER_FILE = "pruner.safetensors"
 CHANNELS_PLOT = "channels_per_layer.png"
 ACCURACY_PLOT = "accuracy_vs_flops.png"
@@ -316,7 +315,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     """
     if state == "done":
         report = stage.report()
-        return StageResult(report, scores=load_keep_scores(stage.path / SCORES_FILE), skipped=True)
+        return StageResult(report, scores=load_keep_scores(stage.path / KEEP_SCORES_FILE), skipped=True)
     import pytorch_lightning as pl
 
     from pnp.training.pruner_module import PrunerModule
@@ -340,7 +339,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     calibrate(trainer, module, data.module.calibration_dataloader(samples))
     scores = {k: v.detach().float().cpu() for k, v in module.keep_scores.items()}
     if is_global_zero():
-        save_keep_scores(stage.path / SCORES_FILE, scores)
+        save_keep_scores(stage.path / KEEP_SCORES_FILE, scores)
         save_tensors_atomic(module.pruner.state_dict(), stage.path / PRUNER_FILE)
     report: dict[str, Any] = {
         "time_s": None,
@@ -584,9 +583,9 @@ def pruned_from(cfg: DictConfig, data: Data) -> nn.Module:
 
 
 def scores_from(cfg: DictConfig) -> dict[str, torch.Tensor]:
-    path = Path(cfg.pruner_run) / SCORES_FILE
+    path = Path(cfg.pruner_run) / KEEP_SCORES_FILE
     if not path.is_file():
-        raise ConfigError("pruner_run", cfg.pruner_run, f"holds no {SCORES_FILE}: pass the directory of a finished pnp-train-pruner run")
+        raise ConfigError("pruner_run", cfg.pruner_run, f"holds no {KEEP_SCORES_FILE}: pass the directory of a finished pnp-train-pruner run")
     return load_keep_scores(path)
 
 

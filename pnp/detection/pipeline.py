@@ -43,7 +43,6 @@ from pnp.training.report import format_count, render_table
 from pnp.training.runs import StageDir, is_global_zero
 
 STAGES = ("train", "prune-train", "prune", "finetune")
-SCORES_FILE = KEEP_SCORES_FILE
 PRUNER_WEIGHTS = "pruner.safetensors"
 REPORT_COLUMNS = (("baseline", "baseline"), ("pruned", "pruned"), ("finetuned", "fine-tuned"))
 
@@ -152,8 +151,9 @@ def run_stage(out: Path, name: str, product: Path, settings: dict, inputs: Seque
     if state == "done" and product.exists():
         print(f"[pnp] stage {name!r} already finished with these settings; reusing {product}", flush=True)
         return product
-    if _resume_checkpoint(stage.path) is not None and is_global_zero():
-        print(f"[pnp] resuming stage {name!r} from {_resume_checkpoint(stage.path)}", flush=True)
+    resume_from = _resume_checkpoint(stage.path)
+    if resume_from is not None and is_global_zero():
+        print(f"[pnp] resuming stage {name!r} from {resume_from}", flush=True)
     start = time.perf_counter()
     stage.start()
     run()
@@ -230,16 +230,16 @@ def train_detector_pruner(cfg, out: str | Path, iterations: int, budget: float |
         scores = detector_keep_scores(detector, pruner, groups, loader, max_batches=calibration_images)
         if is_global_zero():
             save_tensors_atomic(pruner.state_dict(), out / "pruner" / PRUNER_WEIGHTS)
-            save_keep_scores(out / "pruner" / SCORES_FILE, scores)
+            save_keep_scores(out / "pruner" / KEEP_SCORES_FILE, scores)
 
     settings = stage_settings(cfg, iterations=int(iterations), budget=budget, lr=float(lr),
                               sparsity_weight=float(sparsity_weight), calibration_images=int(calibration_images), scope=scope)
-    return run_stage(out, "pruner", out / "pruner" / SCORES_FILE, settings, [out / "baseline"], run)
+    return run_stage(out, "pruner", out / "pruner" / KEEP_SCORES_FILE, settings, [out / "baseline"], run)
 
 
 def read_scores(out: str | Path) -> dict[str, torch.Tensor]:
     """The keep scores ``out/pruner`` holds."""
-    path = Path(out) / "pruner" / SCORES_FILE
+    path = Path(out) / "pruner" / KEEP_SCORES_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run --stage prune-train first")
     return load_keep_scores(path)
@@ -290,7 +290,7 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
         settings["inherit"] = inherit  # absent for the default, so records made before the option still match
     if given:
         settings["scores"] = hashlib.sha256(json.dumps({k: v.tolist() for k, v in sorted(scores.items())}).encode()).hexdigest()[:16]
-    inputs = [out / "baseline"] + ([] if given else [out / "pruner" / SCORES_FILE])
+    inputs = [out / "baseline"] + ([] if given else [out / "pruner" / KEEP_SCORES_FILE])
     return run_stage(out, name, out / name, settings, inputs, run)
 
 

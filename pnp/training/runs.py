@@ -11,7 +11,9 @@ differs, so earlier results are never overwritten by a different experiment.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +24,35 @@ STAGE_FILE = "stage.json"
 REPORT_FILE = "report.json"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"  # written after every epoch
 INTERRUPTED_CHECKPOINT = Path("checkpoints") / "interrupted.ckpt"  # written when a run is stopped mid-epoch
+
+
+RESUME_HINT = "interrupted; run the same command again to resume"
+
+
+@contextlib.contextmanager
+def interrupts_recorded(record: list[int]):
+    """Note SIGINT/SIGTERM in ``record``, then interrupt as Ctrl-C does.
+
+    Lightning turns an interruption into an exit of its own (status 1, or 0 for
+    SIGTERM) after writing the interrupted stage's checkpoint; the record tells such
+    an exit from any other, so a command can say so and exit 130/143.
+    """
+
+    def handler(signum, frame):
+        record.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def interrupted_status(record: list[int]) -> int:
+    """The exit status of a command stopped by the signals in ``record``: 130 (SIGINT) or 143 (SIGTERM)."""
+    return 143 if record and record[0] == signal.SIGTERM else 130
 
 
 class StageConflictError(RuntimeError):
