@@ -14,7 +14,8 @@ whole detector and for its backbone.
 
     python benchmarks/bench_detection.py --profile quick        # CPU, 40-90 min a model on 2 cores
     python benchmarks/bench_detection.py --profile quick --set seed=1
-    python benchmarks/bench_detection.py --profile quick --set models=retinanet:18
+    python benchmarks/bench_detection.py --profile quick --set models=retinanet:18 --set base_lr=0.005 \
+        --set finetune_lr=0.0025 --out benchmarks/results/detection/quick-retinanet-s0   # diverges at 0.02
     python benchmarks/bench_detection.py --profile full --device cuda
 
 The stages are pnp's own (``pnp.detection.pipeline``, what ``tools/train_net.py``
@@ -37,15 +38,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_methods import environment  # noqa: E402  (this folder: the machine and commit of a result)
+from methods.environment import environment  # noqa: E402  (beside this file: the machine and commit of a result)
 
 from pnp.detection.checkpoint import load_pruned_detector  # noqa: E402
 from pnp.detection.pipeline import (  # noqa: E402
     build_config, criterion_scores, detector_summary, finetune_pruned, prune_baseline, register_splits,
     train_baseline, train_detector_pruner,
 )
-from pnp.core.io import write_json_atomic, write_text_atomic  # noqa: E402
-from pnp.core.io import read_json  # noqa: E402
+from pnp.detection.pipeline import DetectionRecipe  # noqa: E402
+from pnp.core.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
+
+RECIPE = DetectionRecipe()
 
 
 @dataclass(frozen=True)
@@ -58,16 +61,17 @@ class Profile:
     ims_per_batch: int = 4
     baseline_iters: int = 600
     base_lr: float = 0.02
-    budget: float = 0.5  # fraction of the scope's FLOPs kept
-    scope: str = "detector"  # the whole detector; "backbone" leaves the heads whole
-    round_to: int = 8  # channel counts in multiples of 8, for CPU latency
+    # pnp's recipe (tools/train_net.py's defaults), unless a profile or --set says otherwise
+    budget: float = RECIPE.budget  # fraction of the scope's FLOPs kept
+    scope: str = RECIPE.scope
+    round_to: int = RECIPE.round_to
+    pruner_iters: int = RECIPE.pruner_iters
+    pruner_lr: float = RECIPE.pruner_lr
+    kd_fpn: float = RECIPE.kd_fpn  # the distilled variants' weights
+    kd_cls: float = RECIPE.kd_cls  # (RetinaNet has no RoI class logits: 0 there)
     criterion: str = "magnitude"  # the criterion row, read out and cut like pnp's
-    pruner_iters: int = 100
-    pruner_lr: float = 1e-3
     finetune_iters: int = 200
     finetune_lr: float = 0.01
-    kd_fpn: float = 1.0  # the distilled variant's weights
-    kd_cls: float = 1.0
     seed: int = 0
     latency_repeats: int = 5
 
@@ -143,16 +147,20 @@ def run_model(profile: Profile, arch: str, depth: int, datasets: tuple[str, str]
     """Every stage of one model (each reused when finished); its records, one per fine-tuned variant."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = stage_config(profile, arch, depth, datasets, out, device)
-    kd = {"kd_fpn": profile.kd_fpn, "kd_cls": profile.kd_cls if arch == "faster_rcnn" else 0.0}
+    r = replace(RECIPE, budget=profile.budget, scope=profile.scope, round_to=profile.round_to,
+                pruner_iters=profile.pruner_iters, pruner_lr=profile.pruner_lr, kd_fpn=profile.kd_fpn,
+                kd_cls=profile.kd_cls).for_architecture(arch)
+    kd = {"kd_fpn": r.kd_fpn, "kd_cls": r.kd_cls}
     schedule = {"max_iter": profile.finetune_iters, "base_lr": profile.finetune_lr}
-    readout = {"round_to": profile.round_to}
+    readout = {"round_to": r.round_to, "min_channels": r.min_channels}
     train_baseline(cfg, out)
-    train_detector_pruner(cfg, out, profile.pruner_iters, profile.budget, lr=profile.pruner_lr, scope=profile.scope)
-    prune_baseline(cfg, out, profile.budget, scope=profile.scope, **readout)
+    train_detector_pruner(cfg, out, r.pruner_iters, r.budget, lr=r.pruner_lr, sparsity_weight=r.sparsity_weight,
+                          scope=r.scope)
+    prune_baseline(cfg, out, r.budget, scope=r.scope, inherit=r.inherit, **readout)
     criterion = f"pruned_{profile.criterion}"
     if not (out / criterion).is_dir():
-        scores = criterion_scores(cfg, out, profile.criterion, scope=profile.scope)
-        prune_baseline(cfg, out, profile.budget, scope=profile.scope, scores=scores, name=criterion, **readout)
+        scores = criterion_scores(cfg, out, profile.criterion, scope=r.scope)
+        prune_baseline(cfg, out, r.budget, scope=r.scope, scores=scores, name=criterion, **readout)
     # every fine-tuning by the same schedule, and the control: the unpruned baseline trained on,
     # so that the pruned detectors' extra iterations are not mistaken for a gain from pruning
     finetune_pruned(cfg, out, source="baseline", name=CONTROL, **schedule)

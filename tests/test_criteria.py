@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -169,12 +169,17 @@ def _bench_module():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
     spec = importlib.util.spec_from_file_location("bench_methods", path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)  # puts benchmarks/ on sys.path, for its methods package
     return module
 
 
-RECORD_FIELDS = {"model", "method", "budget", "accuracy", "flops", "params", "latency_ms", "seed", "wall_s"}
+RECORD_FIELDS = {"model", "dataset", "method", "budget", "seed", "accuracy", "accuracy_pruned", "baseline_accuracy",
+                 "flops", "params", "flops_kept", "latency_ms", "wall_s", "select_s", "finetune_s", "settings"}
+
+
+def _stamps(directory: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
 
 
 def test_bench_methods_smoke_writes_records_table_and_plot(tmp_path):
@@ -187,57 +192,81 @@ def test_bench_methods_smoke_writes_records_table_and_plot(tmp_path):
     runs = sorted((out / "runs" / "lenet5-fashion_mnist").glob("*.json"))
     assert [p.name for p in runs] == ["bn_scale-r50-s0.json", "l1-r50-s0.json", "pnp-r50-s0.json"]
     assert "no BatchNorm" in json.loads(runs.pop(0).read_text())["not_applicable"]
-    baseline = json.loads((out / "baselines" / "lenet5-fashion_mnist-s0" / "baseline.json").read_text())
+    seed_dir = out / "stages" / "lenet5-fashion_mnist-s0"
+    baseline = json.loads((seed_dir / "baseline" / "report.json").read_text())["model"]
     for path in runs:
         record = json.loads(path.read_text())
         assert RECORD_FIELDS <= set(record)
         assert record["budget"] == 0.5 and record["seed"] == 0 and record["model"] == "lenet5"
-        assert 0.0 <= record["accuracy"] <= 100.0
+        assert 0.0 <= record["accuracy"] <= 100.0 and record["baseline_accuracy"] == baseline["accuracy"]
         assert record["flops"] <= 0.5 * baseline["flops"] * 1.0001
         assert record["flops_kept"] == pytest.approx(record["predicted_flops_kept"], rel=1e-6)
         assert record["wall_s"] == pytest.approx(record["select_s"] + record["finetune_s"])
+        # the shipped recipe with the profile's overrides: pnp-pipeline's stages ran it
+        settings = record["settings"]
+        assert settings["train"]["epochs"] == 1 and settings["finetune"]["kd_weight"] == 0
+        assert settings["readout"]["budget"] == 0.5 and settings["readout"]["fill"] is True
+        assert (out / record["stages"]["finetune"] / "model").is_dir()
     assert len(results["records"]) == 2 and len(results["not_applicable"]) == 1
     assert results["environment"]["torch"] == torch.__version__
-    table = (out / "table.md").read_text()
     pnp_record = json.loads((out / "runs" / "lenet5-fashion_mnist" / "pnp-r50-s0.json").read_text())
+    assert pnp_record["settings"]["pruner"]["budget"] == 0.5  # the pruner learns at the budget surgery cuts to
     tried = pnp_record["inherit"]["lookahead_accuracy"]  # the weight-inheritance look-ahead ran and chose
     assert set(tried) == {"learned", "l1", "magnitude"} and pnp_record["inherit"]["choice"] in tried
+    l1_record = json.loads((out / "runs" / "lenet5-fashion_mnist" / "l1-r50-s0.json").read_text())
+    assert l1_record["settings"]["criterion"] == "l1" and "inherit" not in l1_record
+    table = (out / "table.md").read_text()
     assert "| pnp |" in table and "L1 (Li+17)" in table and "| lenet5 | fashion_mnist | 50% |" in table
     assert "n/a: bn_scale on lenet5" in table
     assert (out / "accuracy_vs_flops.png").read_bytes().startswith(b"\x89PNG")
 
-    # a second run finds every record on disk and trains nothing
-    stamps = {p: p.stat().st_mtime_ns for p in runs}
+    # a second run finds every record and stage on disk and trains nothing
+    stamps = _stamps(out / "runs") | _stamps(out / "stages")
     bench.main(argv)
-    assert {p: p.stat().st_mtime_ns for p in runs} == stamps
-    # a changed setting is refused, naming the field
-    with pytest.raises(SystemExit, match="finetune_epochs"):
-        bench.main(argv + ["--set", "finetune_epochs=2"])
+    assert _stamps(out / "runs") | _stamps(out / "stages") == stamps
+    # a run whose fine-tuning was lost runs that stage only, on the baseline and choice on disk
+    shutil.rmtree(seed_dir / "l1-r50" / "finetune")
+    (out / "runs" / "lenet5-fashion_mnist" / "l1-r50-s0.json").unlink()
+    bench.main(argv)
+    lost = seed_dir / "l1-r50" / "finetune"
+    kept = {p: t for p, t in stamps.items() if lost not in p.parents and p.name != "l1-r50-s0.json"}
+    assert {p: t for p, t in (_stamps(out / "runs") | _stamps(out / "stages")).items() if p in kept} == kept
+    assert json.loads((out / "runs" / "lenet5-fashion_mnist" / "l1-r50-s0.json").read_text())["accuracy"] == l1_record["accuracy"]
+    # a changed setting is refused, naming the field and both values, before anything is written
+    stamps = _stamps(out / "runs") | _stamps(out / "stages")
+    with pytest.raises(SystemExit, match=r"finetune\.epochs: 1 -> 2"):
+        bench.main(argv + ["--set", "finetune.epochs=2"])
+    assert _stamps(out / "runs") | _stamps(out / "stages") == stamps
 
 
 def test_bench_methods_full_profile_runs_in_miniature(tmp_path):
-    """The GPU profile's four schedules (VGG-16-BN, ResNet-56; Fashion-MNIST and CIFAR-10) run end to end."""
+    """The GPU profile's four entries (VGG-16-BN, ResNet-56; Fashion-MNIST and CIFAR-10) run pnp end to end.
+
+    (The criteria's path, the same but for the pruner, runs in the smoke test.)
+    """
     from test_data import write_cifar
 
     bench = _bench_module()
     fashion = write_fashion_mnist(tmp_path / "fmnist", n_train=120, n_test=20)
     write_cifar(tmp_path / "cifar", per_batch=24, n_test=20)
-    tiny = {
-        "batch_size": 16, "train_images": 32, "test_images": 20, "val_size": 40, "baseline_epochs": 1,
-        "finetune_epochs": 1, "pruner_epochs": 1, "calibration_images": 32, "inherit_steps": 2,
-        "inherit_eval_images": 16, "latency_repeats": 1, "latency_batch": 2,
-    }
+    # small images and no validation split (no validation passes, no best-epoch checkpoints) keep it short
+    tiny = [
+        "data.batch_size=16", "data.image_size=16", "data.val_size=0", "trainer.limit_train_batches=2",
+        "train.epochs=1", "finetune.epochs=1", "pruner.epochs=1", "pruner.calibration_samples=16", "inherit.steps=2",
+        "inherit.eval_samples=16", "report.latency_repeats=1", "report.latency_batch_sizes=[1,2]",
+    ]
     out = tmp_path / "out"
     argv = ["--profile", "full", "--data-root", str(fashion), "--cifar10-root", str(tmp_path / "cifar"),
-            "--out", str(out), "--methods", "pnp", "magnitude", "--budgets", "0.5", "--seeds", "0"]
-    results = bench.main(argv + [a for k, v in tiny.items() for a in ("--set", f"{k}={v}")])
+            "--out", str(out), "--methods", "pnp", "--budgets", "0.5", "--seeds", "0"]
+    results = bench.main(argv + [a for item in tiny for a in ("--set", item)])
 
     made = {(r["model"], r["dataset"], r["method"]) for r in results["records"]}
-    assert made == {(m, d, method) for m in ("vgg16_bn", "resnet56") for d in ("fashion_mnist", "cifar10")
-                    for method in ("pnp", "magnitude")}
+    assert made == {(m, d, "pnp") for m in ("vgg16_bn", "resnet56") for d in ("fashion_mnist", "cifar10")}
     for record in results["records"]:
-        assert record["flops_kept"] <= 0.5 + 1e-6 and record["settings"]["budget_fill"] is True
+        assert record["flops_kept"] <= 0.5 + 1e-6 and record["settings"]["readout"]["fill"] is True
+        assert record["latency_batch"] == 2 and record["settings"]["data"]["augment"] == (record["dataset"] == "cifar10")
     assert "| resnet56 | cifar10 | 50% |" in (out / "table.md").read_text()
+    shutil.rmtree(out / "stages")  # VGG-16's checkpoints: a gigabyte and a half
 
 
 def test_bench_methods_refuses_bad_settings(tmp_path):
@@ -245,8 +274,12 @@ def test_bench_methods_refuses_bad_settings(tmp_path):
     for argv, message in (
         (["--methods", "l2norm"], "l2norm"),
         (["--budgets", "1.5"], "1.5"),
-        (["--set", "lenet5.finetune_epoch=2"], "finetune_epoch"),
-        (["--set", "finetune_epochs=two"], "'two'"),
+        (["--set", "lenet5:finetune.epoch=2"], r"full_key: finetune\.epoch\b"),
+        (["--set", "finetune.epochs=two"], "'two'"),
+        (["--set", "train.lr=-1"], r"train\.lr=-1"),
+        (["--set", "slim.rgg=1"], r"full_key: slim\.rgg"),
+        (["--set", "alexnet:train.lr=1"], "'alexnet' is not a model of this profile"),
+        (["--set", "seed=3"], "--seeds"),
         (["--models", "alexnet"], "alexnet"),
     ):
         with pytest.raises(SystemExit, match=message):
@@ -254,19 +287,31 @@ def test_bench_methods_refuses_bad_settings(tmp_path):
 
 
 def test_sparsity_training_pulls_bn_scales_towards_zero_and_is_reused(tmp_path):
-    bench = _bench_module()
-    data = write_fashion_mnist(tmp_path / "fmnist", n_train=300, n_test=50)
-    schedule = bench.Schedule("resnet20", batch_size=32, train_images=64, val_size=50, slim_epochs=1, slim_lr=0.05)
-    scales, times = {}, {}
+    _bench_module()
+    from methods.methods import sparsity_trained
+    from methods.profiles import Entry, Profile
+    from methods.runner import Options, recipe, run_recipe
+
+    from pnp.cli import stages
+    from pnp.core.builders import build_model
+    from pnp.training.runs import StageDir
+
+    data_root = write_fashion_mnist(tmp_path / "fmnist", n_train=300, n_test=50)
+    options = Options(tmp_path / "out", roots={"fashion_mnist": data_root})
+    scales = {}
     for reg in (0.0, 0.5):
-        b = bench.build_bench(dataclasses.replace(schedule, slim_reg=reg), 0, {"fashion_mnist": data})
+        entry = Entry("resnet20", overrides=("data.batch_size=32", "data.val_size=50", "trainer.limit_train_batches=2",
+                                             "slim.epochs=1", "slim.lr=0.05", f"slim.reg={reg}"))
+        cfg = run_recipe(recipe(Profile(entries=(entry,)), entry, options), entry, "bn_scale", 0, 0.5, options)
+        data = stages.build_data(cfg)
         torch.manual_seed(0)
-        b.baseline = resnet20()
-        model, times[reg] = bench.sparsity_trained(b, "cpu", tmp_path / f"reg{reg}")
-        norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        baseline = build_model(data.builder, **data.builder_kwargs).eval()
+        stage = StageDir(tmp_path / f"reg{reg}", "slim", stages.what_config(cfg, "slim"))
+        trained = sparsity_trained(cfg, data, baseline, stage, stage.check())
+        norms = [m for m in trained.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         scales[reg] = sum(float(m.weight.detach().abs().sum()) for m in norms)
-        assert not torch.equal(model.bn1.running_mean, b.baseline.bn1.running_mean)  # trained in train mode
-        again, times_again = bench.sparsity_trained(b, "cpu", tmp_path / f"reg{reg}")
-        assert times_again == times[reg]
-        assert all(torch.equal(x, y) for x, y in zip(model.state_dict().values(), again.state_dict().values()))
+        assert not torch.equal(trained.model.bn1.running_mean, baseline.bn1.running_mean)  # trained in train mode
+        again = sparsity_trained(cfg, data, baseline, stage, stage.check())
+        assert again.skipped and again.report == trained.report
+        assert all(torch.equal(x, y) for x, y in zip(trained.model.state_dict().values(), again.model.state_dict().values()))
     assert scales[0.5] < 0.98 * scales[0.0]

@@ -594,6 +594,22 @@ def test_train_net_refuses_bad_input_with_a_message(tmp_path, capsys):
         build_config("train", "val", opts=["MODEL.WEIGHTS", "w.pkl"])
 
 
+def test_train_net_flags_default_to_the_one_detection_recipe():
+    from pnp.cli import detection as cli
+    from pnp.detection.pipeline import DetectionRecipe
+
+    parse = cli.argument_parser().parse_args
+    assert cli.recipe_of(parse(["--dataset-dir", "d"])) == DetectionRecipe()
+    # RetinaNet has no RoI class logits to distil: off unless asked for, and asking is refused
+    assert cli.recipe_of(parse(["--dataset-dir", "d", "--meta-architecture", "retinanet"])).kd_cls == 0.0
+    with pytest.raises(ValueError, match="^--kd-cls distils RoI class logits"):
+        cli.recipe_of(parse(["--dataset-dir", "d", "--meta-architecture", "retinanet", "--kd-cls", "1"]))
+    given = cli.recipe_of(parse(["--dataset-dir", "d", "--round-to", "1", "--budget", "0.3", "--inherit", "l1"]))
+    assert (given.round_to, given.budget, given.inherit, given.pruner_iters) == (1, 0.3, "l1", DetectionRecipe().pruner_iters)
+    with pytest.raises(ValueError, match="^--min-channels 0 must be at least 1"):
+        cli.recipe_of(parse(["--dataset-dir", "d", "--min-channels", "0"]))
+
+
 def test_an_interrupted_detection_stage_resumes_from_its_checkpoint(tmp_path, fashion_root):
     """SIGKILL the baseline stage after its first periodic checkpoint; the same command resumes, not restarts."""
     import os

@@ -319,3 +319,58 @@ def test_groups_through_a_norm_across_channels_are_left_out_with_reason():
     assert "LayerNorm '9'" in groups.excluded["8"]
     assert "gating cannot stand in for removal" in groups.excluded["8"]
     assert {"3", "6"} <= set(groups.names)
+
+
+class _SlicedChannels(nn.Module):
+    """conv1's channels sliced (x[:, :4]) before conv2: torch-pruning passes them through as if whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 8, 3), nn.Conv2d(4, 6, 3), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.conv1(x)[:, :4]).mean((2, 3)))
+
+
+class _IndexedChannels(_SlicedChannels):
+    def __init__(self):
+        super().__init__()
+        self.conv2 = nn.Conv2d(3, 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.conv1(x)[:, torch.tensor([0, 2, 5])]).mean((2, 3)))
+
+
+class _Recurrent(nn.Module):
+    """conv features read as a sequence by an LSTM."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.rnn, self.fc = nn.Conv2d(3, 8, 3), nn.LSTM(8, 5, batch_first=True), nn.Linear(5, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(self.conv(x).mean(2).transpose(1, 2))
+        return self.fc(out[:, -1])
+
+
+@pytest.mark.parametrize(
+    "model, left_out, why",
+    [(_SlicedChannels, "conv1", "does not reproduce gating"), (_IndexedChannels, "conv1", "sliced or indexed"),
+     (_Recurrent, "conv", "LSTM 'rnn'")],
+)
+def test_channels_pnp_cannot_follow_are_left_out_with_the_reason_not_offered(model, left_out, why):
+    model = model().eval()
+    x = torch.randn(2, 3, 12, 12)
+    groups = find_channel_groups(model, x)
+    assert left_out not in groups and why in groups.excluded[left_out]
+    # what is offered cuts exactly
+    keep = {g.name: torch.arange(g.size) % 2 == 0 for g in groups}
+    apply_surgery(model, groups, keep, x, verify=True)
+
+
+def test_proving_every_group_keeps_every_exact_one(randomize_norms):
+    from pnp.models import resnet20
+
+    model = randomize_norms(resnet20(in_channels=1, num_classes=10, input_size=28)).eval()
+    x = torch.randn(2, 1, 28, 28)
+    assert find_channel_groups(model, x, prove=True).names == find_channel_groups(model, x).names

@@ -427,3 +427,40 @@ def test_an_artifact_cannot_make_pnp_run_code(tmp_path):
 
 def small_linear():
     return torch.nn.Sequential(torch.nn.Linear(3, 2))
+
+
+# ---------------------------------------------------------------- state-dict metadata
+
+
+@pytest.fixture
+def mnasnet_artifact(x, tmp_path):
+    """A pruned mnasnet0_5, whose _load_from_state_dict refuses weights without the module's version."""
+    pruned = prune(torchvision.models.mnasnet0_5(num_classes=10).eval(), x, seed=0)
+    directory = save_pruned(pruned, tmp_path / "model", builder="torchvision:mnasnet0_5", builder_kwargs={"num_classes": 10})
+    return pruned, directory
+
+
+def test_module_versions_of_the_state_dict_survive_the_round_trip(mnasnet_artifact, x):
+    pruned, directory = mnasnet_artifact
+    stored = json.loads((directory / "channels.json").read_text())["state_dict_metadata"]
+    assert stored == {prefix: dict(entry) for prefix, entry in pruned.state_dict()._metadata.items()}
+    assert stored[""]["version"] == 2
+
+    loaded = load_without_tracing(directory)
+
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    # the stored version, not the rebuilt model's, is what the modules are loaded with
+    edit_channels(directory, lambda channels: channels["state_dict_metadata"][""].update(version=3))
+    with pytest.raises(ValueError, match="version should be set to 1 or 2 instead of 3"):
+        load_pruned(directory)
+
+
+def test_artifact_saved_without_module_versions_loads_with_the_models_own(mnasnet_artifact, x):
+    pruned, directory = mnasnet_artifact
+    edit_channels(directory, lambda channels: channels.pop("state_dict_metadata"))  # as pnp wrote before keeping them
+
+    loaded = load_pruned(directory)
+
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))

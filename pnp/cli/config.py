@@ -53,6 +53,9 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     # fnmatch patterns of layers whose output channels are never pruned
     ignore: list[str] = field(default_factory=list)
+    # a builder outside pnp:, torchvision: and timm: ("package.module:function") is imported
+    # and called only when this is true: a config file cannot make pnp run code by itself
+    trust_builder: bool = False
 
 
 @dataclass
@@ -82,6 +85,8 @@ class TrainerConfig:
     log_every_n_steps: int = 50
     enable_progress_bar: bool = True
     deterministic: bool = False
+    # long epochs: also write the resume point every N optimizer steps (null: after each epoch only)
+    checkpoint_every_n_steps: Optional[int] = None
 
 
 @dataclass
@@ -199,9 +204,11 @@ class TrainPrunerCommand(CommonConfig):
 @dataclass
 class PruneCommand(CommonConfig):
     target: str = MISSING
-    # exactly one of: a pnp-train-pruner run directory, or a keep-decisions JSON file
+    # exactly one of: a pnp-train-pruner run directory, a keep-decisions JSON file, or a
+    # criterion of pnp.core.criteria ("l1", "taylor", ...) that ranks the target's channels
     pruner_run: Optional[str] = None
     keep: Optional[str] = None
+    criterion: Optional[str] = None
     verify: bool = True
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
     inherit: InheritConfig = field(default_factory=InheritConfig)
@@ -300,7 +307,7 @@ def _existing(cfg: DictConfig, key: str, what: str, optional=False) -> Path | No
 def _check_model(cfg: DictConfig) -> None:
     builder = cfg.model.builder
     _require(isinstance(builder, str) and ":" in builder, "model.builder", builder,
-             "must look like 'pnp:<name>', 'torchvision:<name>' or 'package.module:function'")
+             "must look like 'pnp:<name>', 'torchvision:<name>', 'timm:<name>' or 'package.module:function'")
     source, name = builder.split(":", 1)
     if source == "pnp":
         from pnp.core.builders import registered_builders
@@ -312,6 +319,17 @@ def _check_model(cfg: DictConfig) -> None:
 
         _require(name in torchvision.models.list_models(module=torchvision.models), "model.builder", builder,
                  "torchvision has no classification model of that name")
+    elif source == "timm":
+        from pnp.core.builders import timm_name_error
+
+        why = timm_name_error(name)
+        _require(why is None, "model.builder", builder, why)
+    else:  # the user's own module: imported and called only when the command line says so
+        from pnp.core.builders import SAFE_SOURCES
+
+        _require(bool(cfg.model.trust_builder), "model.builder", builder,
+                 f"is not from {', '.join(s + ':' for s in SAFE_SOURCES)}; pnp imports and calls a function of "
+                 "another module only when asked: add model.trust_builder=true if you trust it")
     for i, k in enumerate(cfg.model.data_kwargs):
         _require(k in DATA_KWARGS, f"model.data_kwargs[{i}]", k, f"must be one of {', '.join(DATA_KWARGS)}")
 
@@ -346,6 +364,7 @@ def _check_trainer(cfg: DictConfig) -> None:
              "must name a Lightning strategy such as auto, ddp, ddp_spawn, fsdp")
     _number(cfg, "trainer.num_nodes", low=1)
     _number(cfg, "trainer.log_every_n_steps", low=1)
+    _number(cfg, "trainer.checkpoint_every_n_steps", low=1, optional=True)
     for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
         _limit(cfg, f"trainer.{key}")
 
@@ -405,6 +424,25 @@ def _check_inherit(cfg: DictConfig) -> None:
     _number(cfg, "inherit.eval_samples", low=1)
 
 
+PRUNE_SOURCES = ("pruner_run", "keep", "criterion")
+
+
+def _check_prune_source(cfg: DictConfig) -> None:
+    """Exactly one source of keep decisions, and that one usable."""
+    from pnp.core.criteria import CRITERIA
+
+    given = [k for k in PRUNE_SOURCES if cfg[k] is not None]
+    key = given[-1] if given else "pruner_run"
+    also = f" (given: {', '.join(given)})" if len(given) > 1 else ""
+    _require(len(given) == 1, key, cfg[key],
+             "give exactly one of pruner_run=<pnp-train-pruner run directory>, keep=<keep decisions JSON> "
+             f"or criterion=<{'|'.join(CRITERIA)}>{also}")
+    _existing(cfg, "pruner_run", "the pnp-train-pruner run directory", optional=True)
+    _existing(cfg, "keep", "the keep decisions file", optional=True)
+    if cfg.criterion is not None:
+        _choice(cfg, "criterion", tuple(CRITERIA))
+
+
 def _check_report(cfg: DictConfig) -> None:
     for i, b in enumerate(cfg.report.latency_batch_sizes):
         _require(b >= 1, f"report.latency_batch_sizes[{i}]", b, "must be >= 1")
@@ -434,11 +472,7 @@ def validate(cfg: DictConfig, command: str) -> None:
     if command in ("train_pruner", "prune"):
         _existing(cfg, "target", "the trained target (a pnp-train run directory or a checkpoint file)")
     if command == "prune":
-        given = [k for k in ("pruner_run", "keep") if cfg[k] is not None]
-        _require(len(given) == 1, "pruner_run" if not given else "keep", cfg.keep if given else None,
-                 "give exactly one of pruner_run=<pnp-train-pruner run directory> or keep=<keep decisions JSON>")
-        _existing(cfg, "pruner_run", "the pnp-train-pruner run directory", optional=True)
-        _existing(cfg, "keep", "the keep decisions file", optional=True)
+        _check_prune_source(cfg)
     if command == "finetune":
         _existing(cfg, "pruned", "the pruned model (a pnp-prune run directory or a saved pruned model)")
         _existing(cfg, "teacher", "the teacher (a pnp-train run directory or a checkpoint file)", optional=True)

@@ -14,7 +14,7 @@ import os
 import sys
 
 from pnp.detection.compat import import_detectron2
-from pnp.training.runs import RESUME_HINT, interrupted_status, interrupts_recorded
+from pnp.training.runs import DEBUG_VARIABLE, RESUME_HINT, interrupted_status, interrupts_recorded
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def argument_parser() -> argparse.ArgumentParser:
     from detectron2.engine import default_argument_parser
 
     from pnp.detection.modeling import DEPTHS, META_ARCHITECTURES
-    from pnp.detection.pipeline import STAGES
+    from pnp.detection.pipeline import STAGES, DetectionRecipe
     from pnp.detection.pruning import SCOPES
 
     p = default_argument_parser()
@@ -35,34 +35,50 @@ def argument_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-architecture", default="faster_rcnn", choices=list(META_ARCHITECTURES))
     p.add_argument("--depth", type=int, default=18, choices=list(DEPTHS))
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--budget", type=float, default=0.5, help="fraction of the scope's FLOPs to keep")
-    p.add_argument("--scope", default="detector", choices=list(SCOPES),
-                   help="detector: backbone, FPN and heads under one budget; backbone: the backbone only")
-    p.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
-    p.add_argument("--inherit", default="learned", choices=["learned", "l1", "magnitude"],
-                   help="which channels fill the learned widths: the pruner's picks or a criterion's")
-    p.add_argument("--pruner-iters", type=int, default=200)
-    p.add_argument("--pruner-lr", type=float, default=1e-3)
-    p.add_argument("--sparsity-weight", type=float, default=1.0)
-    p.add_argument("--kd-fpn", type=float, default=0.0, help="weight of FPN feature imitation while fine-tuning")
-    p.add_argument("--kd-cls", type=float, default=0.0, help="weight of RoI class-logit distillation while fine-tuning")
-    p.add_argument("--finetune-iters", type=int, default=None, help="default: SOLVER.MAX_ITER")
-    p.add_argument("--finetune-lr", type=float, default=None, help="default: SOLVER.BASE_LR")
+    # the recipe's flags: each defaults to pnp.detection.pipeline.DetectionRecipe's field
+    recipe = DetectionRecipe()
+    flags = [
+        ("--budget", float, "fraction of the scope's FLOPs to keep"),
+        ("--scope", str, "detector: backbone, FPN and heads under one budget; backbone: the backbone only"),
+        ("--round-to", int, "keep channel counts multiples of this"),
+        ("--min-channels", int, "keep at least this many channels in every group"),
+        ("--inherit", str, "which channels fill the learned widths: the pruner's picks or a criterion's"),
+        ("--pruner-iters", int, "pruner training iterations"),
+        ("--pruner-lr", float, "pruner learning rate"),
+        ("--sparsity-weight", float, "weight of the pruner's sparsity term"),
+        ("--kd-fpn", float, "weight of FPN feature imitation while fine-tuning"),
+        ("--kd-cls", float, "weight of RoI class-logit distillation while fine-tuning (R-CNNs; 0 for RetinaNet)"),
+        ("--finetune-iters", int, "fine-tuning iterations (default: SOLVER.MAX_ITER)"),
+        ("--finetune-lr", float, "fine-tuning learning rate (default: SOLVER.BASE_LR)"),
+    ]
+    choices = {"--scope": list(SCOPES), "--inherit": ["learned", "l1", "magnitude"]}
+    for flag, kind, text in flags:
+        default = getattr(recipe, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, default=None, choices=choices.get(flag),
+                       help=f"{text} (default: {default})" if default is not None else text)
     return p
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Raise ValueError naming the flag and value for what no stage could use."""
-    if args.budget is not None and not 0.0 < args.budget <= 1.0:
-        raise ValueError(f"--budget {args.budget} is outside (0, 1]: it is the fraction of FLOPs to keep, e.g. 0.5")
-    for flag, value in (("--pruner-iters", args.pruner_iters), ("--round-to", args.round_to), ("--image-size", args.image_size)):
-        if value < 1:
-            raise ValueError(f"{flag} {value} must be at least 1")
-    for flag, value in (("--kd-fpn", args.kd_fpn), ("--kd-cls", args.kd_cls)):
-        if value < 0:
-            raise ValueError(f"{flag} {value} must be >= 0")
-    if args.kd_cls > 0 and args.meta_architecture == "retinanet":
-        raise ValueError("--kd-cls distils RoI class logits, which RetinaNet has not; use --kd-fpn")
+RECIPE_FLAGS = ("budget", "scope", "round_to", "min_channels", "inherit", "pruner_iters", "pruner_lr", "sparsity_weight",
+                "kd_fpn", "kd_cls", "finetune_iters", "finetune_lr")
+
+
+def recipe_of(args: argparse.Namespace):
+    """The detection recipe with the flags given on the command line; ValueError naming a flag it cannot use."""
+    from pnp.detection.pipeline import DetectionRecipe
+
+    given = {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None}
+    recipe = DetectionRecipe(**given)
+    if "kd_cls" not in given:
+        recipe = recipe.for_architecture(args.meta_architecture)
+    try:
+        recipe.check(args.meta_architecture)
+    except ValueError as exc:  # its messages start with the field: name the flag instead
+        field, _, rest = str(exc).partition(" ")
+        raise ValueError(f"--{field.replace('_', '-')} {rest}" if field in RECIPE_FLAGS else str(exc)) from None
+    if args.image_size < 1:
+        raise ValueError(f"--image-size {args.image_size} must be at least 1")
+    return recipe
 
 
 def setup(args: argparse.Namespace):
@@ -91,12 +107,7 @@ def run(args: argparse.Namespace):
 
     cfg = setup(args)
     stages = () if args.eval_only else {"all": STAGES, "report": ()}.get(args.stage, (args.stage,))
-    return run_stages(
-        stages, cfg, args.output_dir, budget=args.budget, pruner_iters=args.pruner_iters, pruner_lr=args.pruner_lr,
-        sparsity_weight=args.sparsity_weight, kd_fpn=args.kd_fpn, kd_cls=args.kd_cls,
-        finetune_iters=args.finetune_iters, finetune_lr=args.finetune_lr, scope=args.scope, round_to=args.round_to,
-        inherit=args.inherit,
-    )
+    return run_stages(stages, cfg, args.output_dir, recipe_of(args))
 
 
 def _user_errors() -> tuple:
@@ -114,7 +125,7 @@ def main(argv=None) -> int:
     args = argument_parser().parse_args(argv)
     interrupted: list[int] = []
     try:
-        check_args(args)
+        recipe_of(args)  # bad flags are refused before any process starts
         with interrupts_recorded(interrupted):
             launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                    dist_url=args.dist_url, args=(args,))
@@ -122,7 +133,7 @@ def main(argv=None) -> int:
         print(f"[pnp] {RESUME_HINT}", file=sys.stderr, flush=True)
         return interrupted_status(interrupted)
     except _user_errors() as exc:
-        if os.environ.get("PNP_DEBUG"):
+        if os.environ.get(DEBUG_VARIABLE):
             raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2

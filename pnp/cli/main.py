@@ -9,6 +9,8 @@ command leaves an existing directory untouched.
 from __future__ import annotations
 
 import copy
+import errno
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pnp.cli.config import ConfigError, InputError, config_dir, register_schemas, validate
 from pnp.cli.loading import read_keep_file
-from pnp.training.runs import RESUME_HINT, StageConflictError, StageDir, interrupted_status, interrupts_recorded, is_global_zero
+from pnp.training.runs import DEBUG_VARIABLE, RESUME_HINT, StageConflictError, interrupted_status, interrupts_recorded, is_global_zero
 from pnp.core.io import read_json, write_json_atomic, write_text_atomic
 
 REPORT_FILE = "report.json"
@@ -33,10 +35,55 @@ COMMANDS = {
 
 
 def _user_errors():
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
     from pnp.core.artifacts import ArtifactError
     from pnp.training.data import DatasetNotFoundError
 
-    return (InputError, StageConflictError, ArtifactError, DatasetNotFoundError, MissingMandatoryValue)
+    return (InputError, StageConflictError, ArtifactError, DatasetNotFoundError, MissingMandatoryValue,
+            MisconfigurationException)
+
+
+# a file that cannot be written for one of these reasons is the machine's or the user's
+# to fix (space, permissions, a path through a file), not a fault of pnp
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR}
+
+
+def _user_message(exc: BaseException) -> str | None:
+    """What to tell the user about ``exc`` when it is theirs to fix; None for an internal error."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    if isinstance(exc, OSError) and not isinstance(exc, _user_errors()) and exc.errno in _WRITE_ERRNOS:
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot write{where}: {exc.strerror}; free some space or choose a writable out_dir"
+    if not isinstance(exc, _user_errors()):
+        return None
+    message = str(exc).strip()
+    if isinstance(exc, OmegaConfBaseException):
+        message = message.splitlines()[0] + "".join(
+            f" ({line.strip()})" for line in message.splitlines()[1:] if "full_key" in line
+        )
+    if isinstance(exc, MisconfigurationException):  # Lightning's word on a trainer.* value
+        message = f"the trainer settings do not fit the data: {message.splitlines()[0]} (set it as trainer.<name>=...)"
+    return message
+
+
+def _check_out_dir(argv: list[str]) -> str | None:
+    """Why the ``out_dir=`` of ``argv`` cannot be a run directory, or None (checked before Hydra creates it)."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("out_dir=")]
+    if not given or not given[-1]:
+        return None
+    path = Path(given[-1]).expanduser()
+    if path.exists() and not path.is_dir():
+        return f"out_dir={given[-1]!r}: is a file, not a directory; choose a directory"
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"out_dir={given[-1]!r}: {parent} is a file, so no directory can be made under it; choose another out_dir"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"out_dir={given[-1]!r}: {parent} is not writable; choose a writable out_dir"
+    return None
 
 
 def write_resolved_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -71,6 +118,8 @@ def run(command: str, cfg: DictConfig, run_dir: str | Path) -> dict:
             raise ConfigError(key, "???", f"is required: pass {key}=<path> on the command line")
     validate(cfg, command)
     data = stages.build_data(cfg)
+    if command in ("train", "pipeline"):
+        stages.check_builder(data)
     return {
         "train": _train,
         "train_pruner": _train_pruner,
@@ -100,7 +149,7 @@ def _abs(path: str | None) -> str | None:
 def _train(cfg, run_dir: Path, data) -> dict:
     from pnp.cli import stages
 
-    stage = StageDir(run_dir, "train", stages.what_config(cfg, "model", "data", "train"))
+    stage = stages.stage_dir(run_dir, "train", stages.what_config(cfg, "model", "data", "train"), data)
     state = stage.check()
     if state != "done":  # a finished stage keeps the record of the run that made it
         write_resolved_config(cfg, run_dir)
@@ -115,7 +164,7 @@ def _train_pruner(cfg, run_dir: Path, data) -> dict:
 
     target = stages.target_from(cfg, data)
     stages.check_readout(cfg, data)
-    stage = StageDir(run_dir, "train_pruner", stages.what_config(cfg, "model", "data", "pruner", "readout", target=_input(cfg.target)))
+    stage = stages.stage_dir(run_dir, "train_pruner", stages.what_config(cfg, "model", "data", "pruner", "readout", target=_input(cfg.target)), data)
     state = stage.check()
     if state != "done":  # a finished stage keeps the record of the run that made it
         write_resolved_config(cfg, run_dir)
@@ -138,17 +187,25 @@ def _prune(cfg, run_dir: Path, data) -> dict:
     groups = stages.find_groups(cfg, data, target)
     if cfg.keep is not None:
         keep, info = read_keep_file("keep", cfg.keep, groups), {"source": _abs(cfg.keep)}
+    elif cfg.criterion is not None:
+        scores = stages.criterion_scores(cfg, data, target, groups, cfg.criterion)
+        keep, info = stages.read_out(cfg, groups, scores, ("criterion", cfg.criterion))
+        info["criterion"] = cfg.criterion
     else:
         keep, info = stages.read_out(cfg, groups, stages.scores_from(cfg), ("pruner_run", cfg.pruner_run))
-    stage = StageDir(run_dir, "prune", stages.what_config(
-        cfg, "model", "data", "readout", "inherit", verify=cfg.verify, target=_input(cfg.target),
-        pruner_run=_input(cfg.pruner_run), keep=_input(cfg.keep),
-    ))
+    # the criterion picks the channels itself: no inheritance settings decide the result
+    sections = ("model", "data", "readout") + (("inherit",) if cfg.criterion is None else ())
+    by_criterion = {"criterion": cfg.criterion} if cfg.criterion is not None else {}
+    stage = stages.stage_dir(run_dir, "prune", stages.what_config(
+        cfg, *sections, verify=cfg.verify, target=_input(cfg.target),
+        pruner_run=_input(cfg.pruner_run), keep=_input(cfg.keep), **by_criterion,
+    ), data)
     state = stage.check()
     if state != "done":  # a finished stage keeps the record of the run that made it
         write_resolved_config(cfg, run_dir)
-    # a keep file is used as it is; decisions read out of a pruner run get their weights as cfg.inherit says
-    result = stages.prune(cfg, data, stage, state, target, groups, keep, info, inherit_weights=cfg.keep is None)
+    # a keep file or a criterion's picks are cut as they are; decisions read out of a pruner run
+    # get their weights as cfg.inherit says
+    result = stages.prune(cfg, data, stage, state, target, groups, keep, info, inherit_weights=cfg.pruner_run is not None)
     r = result.report
     _say(_table(baseline=r.get("before"), pruned=r.get("after"), stage_reports={"prune": r}))
     _say_paths(run_dir, r, [Path(p) for p in r.get("plots", {}).values()])
@@ -160,9 +217,9 @@ def _finetune(cfg, run_dir: Path, data) -> dict:
 
     pruned = stages.pruned_from(cfg, data)
     teacher = stages.target_from(cfg, data, "teacher") if cfg.teacher is not None else None
-    stage = StageDir(run_dir, "finetune", stages.what_config(
+    stage = stages.stage_dir(run_dir, "finetune", stages.what_config(
         cfg, "data", "finetune", pruned=_input(cfg.pruned), teacher=_input(cfg.teacher),
-    ))
+    ), data)
     state = stage.check()
     if state != "done":  # a finished stage keeps the record of the run that made it
         write_resolved_config(cfg, run_dir)
@@ -180,10 +237,10 @@ def _pipeline(cfg, run_dir: Path, data) -> dict:
     from pnp.cli import stages
 
     dirs = {
-        "train": StageDir(run_dir / "train", "train", stages.what_config(cfg, "model", "data", "train")),
-        "train_pruner": StageDir(run_dir / "train_pruner", "train_pruner", stages.what_config(cfg, "model", "data", "pruner")),
-        "prune": StageDir(run_dir / "prune", "prune", stages.what_config(cfg, "model", "data", "readout", "inherit", verify=cfg.verify)),
-        "finetune": StageDir(run_dir / "finetune", "finetune", stages.what_config(cfg, "data", "finetune")),
+        "train": stages.stage_dir(run_dir / "train", "train", stages.what_config(cfg, "model", "data", "train"), data),
+        "train_pruner": stages.stage_dir(run_dir / "train_pruner", "train_pruner", stages.what_config(cfg, "model", "data", "pruner"), data),
+        "prune": stages.stage_dir(run_dir / "prune", "prune", stages.what_config(cfg, "model", "data", "readout", "inherit", verify=cfg.verify), data),
+        "finetune": stages.stage_dir(run_dir / "finetune", "finetune", stages.what_config(cfg, "data", "finetune"), data),
     }
     states = {name: d.check() for name, d in dirs.items()}
     for i, name in enumerate(STAGES):
@@ -311,12 +368,10 @@ def _entry(command: str) -> None:
                 raise
             print(f"{name}: {RESUME_HINT}", file=sys.stderr, flush=True)
             sys.exit(interrupted_status(interrupted))
-        except _user_errors() as exc:
-            message = str(exc).strip()
-            if isinstance(exc, OmegaConfBaseException):
-                message = message.splitlines()[0] + "".join(
-                    f" ({line.strip()})" for line in message.splitlines()[1:] if "full_key" in line
-                )
+        except Exception as exc:
+            message = _user_message(exc)
+            if message is None or os.environ.get(DEBUG_VARIABLE):
+                raise
             print(f"{name}: error: {message}", file=sys.stderr, flush=True)
             if run_dir.is_dir() and not any(run_dir.iterdir()):
                 run_dir.rmdir()  # Hydra made it for this run; leave no empty directory behind
@@ -326,6 +381,10 @@ def _entry(command: str) -> None:
         path = str(config_dir())
     except FileNotFoundError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    problem = _check_out_dir(sys.argv[1:])
+    if problem is not None:
+        print(f"{name}: error: {problem}", file=sys.stderr)
         sys.exit(2)
     try:
         hydra.main(config_path=path, config_name=command, version_base="1.3")(task)()

@@ -102,6 +102,28 @@ def build_data(cfg: DictConfig) -> Data:
     return Data(dm, cfg.model.builder, kwargs, example)
 
 
+def check_fits(model: nn.Module, data: Data, field: str, value: Any) -> None:
+    """Raise a :class:`ConfigError` on ``field`` unless ``model`` takes the data's images and scores all its classes."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(data.example_inputs)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(field, value, f"the model cannot take the data's images (shape {data.input_shape}): {first}. "
+                                        "Set data.channels and data.image_size to what the model takes, "
+                                        "or choose a model for this data") from None
+    finally:
+        model.train(was_training)
+    classes = int(data.module.num_classes)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] < classes:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(field, value, f"the model gives outputs of shape {got} for a batch of {len(data.example_inputs)}, "
+                                        f"but data {data.module.name!r} has {classes} classes: build it with "
+                                        f"num_classes={classes} (model.data_kwargs or model.kwargs)")
+
+
 def what_config(cfg: DictConfig, *sections: str, **extra) -> dict:
     """The part of ``cfg`` that decides a stage's result (not where or on what hardware it runs)."""
     out: dict[str, Any] = {"seed": cfg.seed}
@@ -130,6 +152,10 @@ def make_trainer(cfg: DictConfig, stage: StageDir, epochs: int, monitor: str | N
                         save_on_train_epoch_end=True, enable_version_counter=False),
         OnExceptionCheckpoint(dirpath=directory, filename=INTERRUPTED_CHECKPOINT.stem),
     ]
+    if t.checkpoint_every_n_steps:  # long epochs: the same resume point, also every N steps
+        callbacks.append(ModelCheckpoint(dirpath=directory, filename="last", monitor=None, save_top_k=1,
+                                         every_n_train_steps=int(t.checkpoint_every_n_steps),
+                                         enable_version_counter=False))
     if monitor:
         callbacks.append(ModelCheckpoint(dirpath=directory, filename="best", monitor=monitor, mode="max", save_top_k=1,
                                          enable_version_counter=False))
@@ -174,21 +200,49 @@ def _quiet_lightning() -> None:
         log.addFilter(_DropTips())
 
 
+# what each finished stage leaves in its directory: a stage whose report says "done"
+# but lacks one of them runs again
+OUTPUTS = {
+    "train": (MODEL_DIR,),
+    "train_pruner": (KEEP_SCORES_FILE,),
+    "prune": (MODEL_DIR, KEEP_FILE),
+    "finetune": (MODEL_DIR,),
+}
+
+
+def stage_dir(path: Path, name: str, config: dict, data: Data) -> StageDir:
+    """The directory of stage ``name`` (a key of :data:`OUTPUTS`) on ``data``, recorded with ``config``.
+
+    The data files' contents (not where they are) join the config, so a stage is redone
+    only with the same data; ``stage.json`` also records each file's path and size.
+    """
+    content = [{k: v for k, v in f.items() if k != "path"} | {"name": Path(f["path"]).name} for f in data.module.files]
+    return StageDir(path, name, {**config, "data_content": content}, outputs=OUTPUTS[name],
+                    record={"data_files": data.module.files})
+
+
+# what Lightning reads back from a checkpoint it resumes from
+CHECKPOINT_KEYS = ("pytorch-lightning_version", "state_dict", "epoch", "global_step", "loops")
+
+
 def readable_checkpoint(stage: StageDir) -> Path | None:
     """The stage's ``last.ckpt`` if it can be read; an unreadable one (a full disk, a kill mid-write) is set aside."""
     ckpt = stage.last_checkpoint
     if ckpt is None:
         return None
     try:
-        torch.load(ckpt, map_location="cpu", weights_only=True)
+        content = torch.load(ckpt, map_location="cpu", weights_only=True)
+        missing = [key for key in CHECKPOINT_KEYS if not isinstance(content, dict) or key not in content]
+        why = f"lacks {missing[0]!r}: not a checkpoint of this stage" if missing else None
     except Exception as exc:  # any reader error means the file cannot be resumed from
-        if is_global_zero():
-            aside = ckpt.with_name(ckpt.name + ".unreadable")
-            ckpt.replace(aside)
-            print(f"[pnp] {ckpt} cannot be read ({type(exc).__name__}); set aside as {aside.name}, "
-                  f"stage {stage.name!r} starts again", flush=True)
-        return None
-    return ckpt
+        why = f"cannot be read ({type(exc).__name__})"
+    if why is None:
+        return ckpt
+    if is_global_zero():
+        aside = ckpt.with_name(ckpt.name + ".unreadable")
+        ckpt.replace(aside)
+        print(f"[pnp] {ckpt} {why}; set aside as {aside.name}, stage {stage.name!r} starts again", flush=True)
+    return None
 
 
 def fit(trainer, module, data: Data, stage: StageDir, resume: bool) -> None:
@@ -369,7 +423,8 @@ def task_of(data: Data):
 
 
 def find_groups(cfg: DictConfig, data: Data, model: nn.Module):
-    return task_of(data).find_groups(model, ignore=list(cfg.model.ignore))
+    """The target's channel groups, each proven to cut exactly (one surgery more, once a run)."""
+    return task_of(data).find_groups(model, ignore=list(cfg.model.ignore), prove=True)
 
 
 def read_out(cfg: DictConfig, groups, scores, source: tuple[str, str] = ("pruner_run", "")) -> tuple[dict[str, torch.Tensor], dict]:
@@ -391,6 +446,41 @@ def read_out(cfg: DictConfig, groups, scores, source: tuple[str, str] = ("pruner
     except ValueError as exc:
         raise ConfigError("readout.budget", r.budget, str(exc)) from None
     return keep, info
+
+
+# training images whose task-loss gradients a gradient criterion (taylor) sums
+GRADIENT_SAMPLES = 1024
+
+
+def criterion_batches(data: Data):
+    """The first training images, unaugmented: what a gradient criterion sums the task loss over."""
+    dm = data.module
+    return dm.calibration_dataloader(min(GRADIENT_SAMPLES, len(dm.train_indices)))
+
+
+def criterion_scores(cfg: DictConfig, data: Data, target: nn.Module, groups, name: str) -> dict[str, torch.Tensor]:
+    """The target's channels ranked by criterion ``name`` (:func:`pnp.core.criteria.rank_channels`), for :func:`read_out`."""
+    from pnp.core.criteria import CRITERIA, CriterionNotApplicableError, rank_channels
+
+    batches = criterion_batches(data) if CRITERIA[name].needs_gradients else None
+    try:
+        return rank_channels(target, groups, name, batches=batches, seed=int(cfg.seed))
+    except CriterionNotApplicableError as exc:
+        raise ConfigError("criterion", name, str(exc)) from None
+
+
+def check_builder(data: Data) -> None:
+    """Raise now, before any file is written, if the model the config builds does not fit the data."""
+    from pnp.core.builders import build_model
+
+    try:
+        model = build_model(data.builder, **data.builder_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("model.builder", data.builder, f"could not build the model with {data.builder_kwargs}: {exc}. "
+                                                         "Check model.kwargs and model.data_kwargs") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError("model.builder", data.builder, f"built a {type(model).__name__}, not a torch.nn.Module")
+    check_fits(model, data, "model.builder", data.builder)
 
 
 def check_readout(cfg: DictConfig, data: Data) -> None:
@@ -433,7 +523,7 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
     if c.choice == LEARNED:
         return keep, Inheritance(LEARNED, keep).to_dict()
     dm = data.module
-    gradient_batches = dm.calibration_dataloader(min(1024, len(dm.train_indices)))
+    gradient_batches = criterion_batches(data)
     if c.choice != "auto":
         keeps, skipped = candidate_keeps(target, groups, keep, [c.choice], gradient_batches)
         if not keeps:
@@ -571,7 +661,9 @@ def finetune(
 
 
 def target_from(cfg: DictConfig, data: Data, field: str = "target") -> nn.Module:
-    return load_target(field, cfg[field], data.builder, data.builder_kwargs)
+    model = load_target(field, cfg[field], data.builder, data.builder_kwargs)
+    check_fits(model, data, field, cfg[field])
+    return model
 
 
 def pruned_from(cfg: DictConfig, data: Data) -> nn.Module:
@@ -579,6 +671,7 @@ def pruned_from(cfg: DictConfig, data: Data) -> nn.Module:
     shape = (model.pnp_metadata or {}).get("input_shape")
     if shape is not None and tuple(shape) != data.input_shape:
         raise ConfigError("pruned", cfg.pruned, f"the model takes inputs of shape {tuple(shape)}, but data {cfg.data.name!r} gives {data.input_shape}")
+    check_fits(model, data, "pruned", cfg.pruned)
     return model
 
 

@@ -1,11 +1,11 @@
 """Pruned-model artifacts, and export to ONNX.
 
 An artifact is a directory with ``model.safetensors`` (the pruned weights) and
-``channels.json`` (the builder of the original architecture and the channels
-each changed layer kept). :func:`load_pruned` builds the original, shrinks each
-listed layer on its own and loads the weights: no dependency graph is traced
-and the model is never run, so loading needs neither example inputs nor the
-pruning code's tracer.
+``channels.json`` (the builder of the original architecture, the channels each
+changed layer kept, and the state dict's per-module versions). :func:`load_pruned`
+builds the original, shrinks each listed layer on its own and loads the weights:
+no dependency graph is traced and the model is never run, so loading needs
+neither example inputs nor the pruning code's tracer.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import re
 import shutil
 import uuid
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -68,7 +69,8 @@ def save_pruned(
     directory = Path(directory)
     if builder is not None and (not isinstance(builder, str) or ":" not in builder):
         raise ArtifactError(
-            f"builder {builder!r} is not a builder name: use 'torchvision:<name>', 'pnp:<name>' or 'module:function'"
+            f"builder {builder!r} is not a builder name: use 'torchvision:<name>', 'timm:<name>', 'pnp:<name>' "
+            "or 'module:function'"
         )
     if builder_kwargs is not None and not isinstance(builder_kwargs, Mapping):
         raise ArtifactError(f"builder_kwargs must be a dict of keyword arguments, got {type(builder_kwargs).__name__}")
@@ -79,6 +81,7 @@ def save_pruned(
     if not isinstance(spec, ChannelSpec):
         raise ArtifactError(f"spec must be a ChannelSpec (as apply_surgery attaches), got {type(spec).__name__}")
 
+    state = model.state_dict()
     channels = {
         "format": FORMAT,
         "builder": builder,
@@ -88,11 +91,14 @@ def save_pruned(
         "group_sizes": {name: int(size) for name, size in spec.group_sizes.items()},
         "adjustments": {name: str(what) for name, what in spec.adjustments.items()},
         "metadata": _to_json(metadata or {}, "metadata"),
+        # {module prefix: {"version": ...}}: modules' _load_from_state_dict read their version from it
+        "state_dict_metadata": _to_json(dict(getattr(state, "_metadata", {})), "the state dict's _metadata"),
     }
     text = json.dumps(channels, indent=2, allow_nan=False)
     # index lists on one line; a raw newline after "[" is never inside a JSON string
-    text = re.sub(r"\[\n[\d,\s-]*\]", lambda m: json.dumps(json.loads(m.group())), text) + "\n"
-    tensors, aliases = _weights_to_save(model)
+    text = re.sub(r"\[\n[\d,\s-]*\]", lambda m: json.dumps(json.loads(m.group())), text)
+    text = re.sub(r"\{\n\s*(\"version\": \d+)\n\s*\}", r"{\1}", text) + "\n"  # a module's version on its line
+    tensors, aliases = _weights_to_save(state)
     _check_destination(directory, overwrite)
 
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -170,8 +176,8 @@ def _module_entries(model: nn.Module, spec: ChannelSpec) -> dict[str, dict[str, 
     return entries
 
 
-def _weights_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Contiguous CPU copies of the state dict, each shared tensor stored once.
+def _weights_to_save(state: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Contiguous CPU copies of the state dict's tensors, each shared tensor stored once.
 
     A state-dict entry that is the very tensor of an earlier entry (tied weights)
     becomes an alias of it; an entry that only overlaps another's memory is
@@ -181,7 +187,7 @@ def _weights_to_save(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     aliases: dict[str, str] = {}
     first_of_view: dict[tuple, str] = {}
     storages: set[tuple] = set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise ArtifactError(
                 f"state_dict entry {name!r} is a {type(tensor).__name__}, not a tensor; "
@@ -273,11 +279,12 @@ def load_pruned(
     The original architecture is built with the artifact's builder; ``builder``
     replaces it and ``builder_kwargs`` override the saved keyword arguments one by
     one. A builder read from the artifact must be on pnp's allow-list
-    (:func:`pnp.core.builders.builder_allowed`: ``pnp:``, ``torchvision:``, or
-    allowed in code with :func:`pnp.core.builders.allow_builder`); otherwise
-    ``trust_builder=True`` (or that builder's name) opts in for this call. Every layer listed in ``channels.json`` is shrunk to its kept channels,
-    then the weights are loaded strictly (in the precision they were saved in) and
-    the model is moved to ``map_location``. The model carries
+    (:func:`pnp.core.builders.builder_allowed`: ``pnp:``, ``torchvision:``, ``timm:``,
+    or allowed in code with :func:`pnp.core.builders.allow_builder`); otherwise
+    ``trust_builder=True`` (or that builder's name) opts in for this call. Every layer
+    listed in ``channels.json`` is shrunk to its kept channels, then the weights are
+    loaded strictly (in the precision they were saved in, with the module versions
+    they were saved with) and the model is moved to ``map_location``. The model carries
     ``pnp_channel_spec`` (a :class:`ChannelSpec`) and ``pnp_metadata``.
     """
     directory = Path(directory)
@@ -295,14 +302,15 @@ def load_pruned(
                                                   or builder_allowed(builder)):
         raise ArtifactError(
             f"{CHANNELS_FILE} in {directory} names the builder {builder!r}, which is not on pnp's allow-list "
-            "('pnp:<name>', 'torchvision:<name>', or names allowed with pnp.core.builders.allow_builder); "
+            "('pnp:<name>', 'torchvision:<name>', 'timm:<name>', or names allowed with "
+            "pnp.core.builders.allow_builder); "
             "pnp does not import or call a function because a file names it. If you trust this artifact, pass "
             f"trust_builder=True (or builder={builder!r}) to load_pruned"
         )
     if builder is None:
         raise ArtifactError(
             f"{CHANNELS_FILE} in {directory} has no builder (it was saved without one); pass "
-            "builder='torchvision:<name>', 'pnp:<name>' or 'package.module:function' to load_pruned"
+            "builder='torchvision:<name>', 'timm:<name>', 'pnp:<name>' or 'package.module:function' to load_pruned"
         )
     kwargs = {**channels["builder_kwargs"], **(builder_kwargs or {})}
     try:
@@ -314,7 +322,7 @@ def load_pruned(
         ) from exc
 
     _shrink_to_spec(model, channels["modules"], builder)
-    _load_weights(model, state, builder)
+    _load_weights(model, state, channels["state_dict_metadata"], builder)
     model.to(map_location)
     model.eval()
     model.pnp_channel_spec = ChannelSpec(
@@ -352,11 +360,13 @@ def _read_channels(path: Path) -> dict[str, Any]:
             why = f"save_pruned writes {FORMAT!r}, so the file was not written by it"
         raise ArtifactError(f"{CHANNELS_FILE} has format {fmt!r}: {why}")
 
-    fields = {"builder": channels.setdefault("builder", None)}
+    # artifacts written before pnp kept the state dict's metadata have no "state_dict_metadata"
+    nullable = {"builder": (str, type(None)), "state_dict_metadata": (dict, type(None))}
+    fields = {key: channels.setdefault(key, None) for key in nullable}
     for key in ("builder_kwargs", "modules", "groups", "group_sizes", "adjustments", "metadata"):
         fields[key] = channels.setdefault(key, {})
     for key, value in fields.items():
-        if not isinstance(value, (str, type(None)) if key == "builder" else dict):
+        if not isinstance(value, nullable.get(key, dict)):
             raise ArtifactError(
                 f"{CHANNELS_FILE} field {key!r} is a JSON {type(value).__name__} ({value!r:.60}); "
                 "the file is damaged, save the model again"
@@ -365,6 +375,12 @@ def _read_channels(path: Path) -> dict[str, Any]:
         if not isinstance(entry, dict):
             raise ArtifactError(
                 f"{CHANNELS_FILE} modules[{name!r}] is {entry!r:.60}, not an object with kept_out/kept_in lists"
+            )
+    for prefix, entry in (channels["state_dict_metadata"] or {}).items():
+        if not isinstance(entry, dict):
+            raise ArtifactError(
+                f"{CHANNELS_FILE} state_dict_metadata[{prefix!r}] is {entry!r:.60}, not an object such as "
+                '{"version": 1}; the file is damaged, save the model again'
             )
     return channels
 
@@ -435,7 +451,10 @@ def _check_kept(kept: Any, width: int, where: str, builder: str) -> list[int]:
     return kept
 
 
-def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], builder: str) -> None:
+def _load_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], versions: dict[str, dict] | None, builder: str
+) -> None:
+    """Load ``state`` strictly, with ``versions`` as its ``_metadata`` (the rebuilt model's own when None)."""
     expected = model.state_dict()
     wrong = [name for name in expected if name in state and state[name].shape != expected[name].shape]
     if wrong:
@@ -456,6 +475,8 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], builder: str
     saved_dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(saved_dtypes) == 1:
         model.to(saved_dtypes.pop())  # the model comes back in the precision it was saved in
+    state = OrderedDict(state)
+    state._metadata = OrderedDict(expected._metadata if versions is None else versions)
     model.load_state_dict(state, strict=True)
 
 

@@ -341,6 +341,41 @@ def _normalises_across_channels(module: nn.Module, name: str) -> str | None:
             "removing some changes the others, so gating cannot stand in for removal")
 
 
+# layers torch-pruning has a handler for that pnp does not cut: removing channels there does
+# not reproduce gating them (measured on an LSTM), or their heads would need coupling pnp
+# does not make
+_NOT_FOLLOWED = (nn.RNNBase, nn.MultiheadAttention)
+
+
+# autograd nodes of ops that pick part of a tensor: torch-pruning passes channels through
+# them unchanged, which holds only when they do not act on the channels
+_SLICING = ("SliceBackward", "IndexBackward", "SelectBackward", "NarrowBackward", "IndexSelectBackward",
+            "GatherBackward", "AsStridedBackward", "TakeBackward")
+
+
+def _slices(node) -> bool:
+    grad_fn = getattr(node, "grad_fn", None)
+    return grad_fn is not None and grad_fn.name().startswith(_SLICING)
+
+
+def _not_followed(module: nn.Module, name: str) -> str | None:
+    if isinstance(module, _NOT_FOLLOWED):
+        return f"it reaches {type(module).__name__} {name!r}, a layer pnp does not cut"
+    return None
+
+
+def _out_of_range(graph, module: nn.Module, name: str, side: str, indices: torch.Tensor, size: int) -> str | None:
+    """Why a member's channel indices cannot be its own (channels sliced or indexed on the way), or None."""
+    handler = graph.get_pruner_of_module(module)
+    if handler is None or not len(indices):
+        return None
+    count = handler.get_in_channels(module) if side == IN else handler.get_out_channels(module)
+    if count is not None and int(indices.max()) >= count:
+        return (f"{name!r} takes {count} channels where the group has {size}: the channels are sliced or indexed "
+                "on the way, which pnp cannot follow")
+    return None
+
+
 def _channel_shuffle_reason(node) -> str:
     grad_fn = node.grad_fn
     return f"its channels pass through a channel shuffle ({grad_fn.name() if grad_fn else 'reshape'}), which torch-pruning cannot follow"
@@ -394,6 +429,7 @@ def find_channel_groups(
     example_inputs,
     ignore: Sequence[str] = (),
     min_size: int = 2,
+    prove: bool = False,
 ) -> ChannelGroups:
     """Find the prunable groups of coupled channels of ``model``.
 
@@ -402,6 +438,14 @@ def find_channel_groups(
     channels must not change; groups containing them are left out. Groups whose
     channels reach the model's outputs are always left out. Every left-out group is
     listed in ``ChannelGroups.excluded`` with the reason.
+
+    Groups that reach a recurrent or attention layer are left out (pnp does not cut
+    them). A group whose channels pass through a slice or an index is proven, and
+    with ``prove`` every group is: half of each group's channels are cut from a copy
+    of ``model`` and the result compared with the model gated the same way; a group
+    whose removal does not reproduce its gating, or crashes, is left out with what went
+    wrong, so no group offered can give a wrong model later (one extra surgery when all
+    pass; the commands prove their groups).
     """
     from pnp.core.cost import CostModel, layer_costs
 
@@ -414,6 +458,7 @@ def find_channel_groups(
     groups: list[ChannelGroup] = []
     excluded: dict[str, str] = {}
     flows: dict[tuple[str, int], list[tuple[str, torch.Tensor]]] = {}
+    suspect: set[str] = set()  # groups whose channels pass through a slice or an index: proven below
     with graph.channels_unchanged():  # nothing is pruned while groups are listed
         tp_groups = list(_all_groups(graph, names, excluded))
     for root_name, tp_group in tp_groups:
@@ -425,6 +470,8 @@ def find_channel_groups(
             dep, idxs = item.dep, item.idxs
             module = dep.target.module
             if not isinstance(module, nn.Module) or module not in names:
+                if _slices(dep.target):
+                    suspect.add(root_name)
                 call = graph.pnp_layer_calls.get(dep.target.grad_fn)
                 if call is not None:  # an activation or pooling layer the channels pass through
                     carried.setdefault(call, torch.as_tensor(item.root_idxs, dtype=torch.long))
@@ -432,8 +479,9 @@ def find_channel_groups(
             side = IN if _is_consumer(graph, module, dep.handler) else OUT
             if side == OUT and module in ignored and reason is None:
                 reason = f"it contains the ignored layer {names[module]!r}"
-            reason = reason or _normalises_across_channels(module, names[module])
+            reason = reason or _normalises_across_channels(module, names[module]) or _not_followed(module, names[module])
             indices = torch.as_tensor(idxs, dtype=torch.long)
+            reason = reason or _out_of_range(graph, module, names[module], side, indices, len(tp_group[0].idxs))
             root_indices = torch.as_tensor(item.root_idxs, dtype=torch.long)
             groups_attr = getattr(module, "groups", 1) if isinstance(module, nn.modules.conv._ConvNd) else 1
             members.append(ChannelMember(names[module], side, indices, root_indices, groups_attr))
@@ -458,12 +506,52 @@ def find_channel_groups(
 
     order = {n: i for i, n in enumerate(names.values())}
     groups.sort(key=lambda g: order.get(g.name, len(order)))  # network order, for reports and plots
+    to_prove = groups if prove else [g for g in groups if g.name in suspect]
+    if to_prove:
+        unfollowed = _groups_surgery_cannot_follow(model, to_prove, example_inputs)
+        excluded.update(unfollowed)
+        groups = [g for g in groups if g.name not in unfollowed]
     result = ChannelGroups(groups, excluded, example_inputs)
     result.layer_costs = layer_costs(model, example_inputs, result, flows)
     marginal = CostModel(result).marginal_costs()
     for g in result:
         g.flops_per_channel, g.params_per_channel = marginal[g.name]
     return result
+
+
+def _groups_surgery_cannot_follow(model: nn.Module, groups: list[ChannelGroup], example_inputs) -> dict[str, str]:
+    """The groups whose surgery does not reproduce their gating, each with what went wrong.
+
+    One surgery of every group at once when all are followed; otherwise halves are
+    tried until each failing group is found on its own.
+    """
+    from pnp.core.surgery import apply_surgery
+
+    def failure(subset: list[ChannelGroup]) -> str | None:
+        chosen = ChannelGroups(subset, {}, example_inputs)
+        keep = keep_from_ratio(chosen, 0.5, generator=torch.Generator().manual_seed(0))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                apply_surgery(model, chosen, keep, example_inputs, verify=True)
+        except Exception as exc:  # any failure means the group cannot be cut as traced
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return f"removing its channels does not reproduce gating them ({type(exc).__name__}: {first}); " \
+                   "pnp cannot follow its channels through the model (a slice, an index, a recurrent layer, ...)"
+        return None
+
+    def search(subset: list[ChannelGroup], why: str | None) -> dict[str, str]:
+        if why is None:
+            return {}
+        if len(subset) == 1:
+            return {subset[0].name: why}
+        half = len(subset) // 2
+        found = {}
+        for part in (subset[:half], subset[half:]):
+            found.update(search(part, failure(part)))
+        return found or {g.name: why for g in subset}  # failing only together: none of them is offered
+
+    return search(groups, failure(groups))
 
 
 def legalize_keep(

@@ -35,12 +35,12 @@ class PruningTask:
         """What :meth:`prunable` is traced, costed and verified on."""
         raise NotImplementedError
 
-    def find_groups(self, model: nn.Module, ignore: Sequence[str] = ()) -> ChannelGroups:
-        """The prunable channel groups of ``model``, with what is left out and why."""
+    def find_groups(self, model: nn.Module, ignore: Sequence[str] = (), prove: bool = False) -> ChannelGroups:
+        """The prunable channel groups of ``model``, with what is left out and why (``prove``: see find_channel_groups)."""
         was_training = model.training
         model.eval()
         try:
-            return find_channel_groups(self.prunable(model), self.example_inputs(model), ignore=tuple(ignore))
+            return find_channel_groups(self.prunable(model), self.example_inputs(model), ignore=tuple(ignore), prove=prove)
         finally:
             model.train(was_training)
 

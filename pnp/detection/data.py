@@ -244,6 +244,29 @@ def _check_scale_range(scale_range) -> tuple[float, float]:
 # --------------------------------------------------------------------------- registration
 
 
+COCO_LISTS = ("images", "annotations", "categories")  # what a COCO instances json must hold
+COCO_CHECK_BYTES = 64 << 20
+
+
+def check_coco_json(path: Path, name: str) -> None:
+    """Raise ValueError naming ``path`` unless it is JSON holding COCO's image, annotation and category lists.
+
+    Files over :data:`COCO_CHECK_BYTES` (full COCO) are left to detectron2's reader,
+    which reads them once anyway.
+    """
+    if path.stat().st_size > COCO_CHECK_BYTES:
+        return
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"json_file={str(path)!r} for dataset {name!r} is not valid JSON ({exc}); "
+                         "point it at the COCO instances_*.json of the split") from None
+    missing = [key for key in COCO_LISTS if not isinstance(content, dict) or not isinstance(content.get(key), list)]
+    if missing:
+        raise ValueError(f"json_file={str(path)!r} for dataset {name!r} has no {missing[0]!r} list: a COCO instances "
+                         f"json holds {', '.join(COCO_LISTS)}")
+
+
 def register_coco(name: str, image_root: str | Path, json_file: str | Path) -> str:
     """Register a COCO-format dataset with detectron2's catalogs under ``name``; return the name.
 
@@ -262,6 +285,7 @@ def register_coco(name: str, image_root: str | Path, json_file: str | Path) -> s
         raise FileNotFoundError(
             f"json_file={str(json_file)!r} for dataset {name!r} {what}; point it at the COCO instances_*.json of the split"
         )
+    check_coco_json(json_path, name)
     if not image_path.is_dir():
         what = "is a file, not a folder" if image_path.exists() else "does not exist"
         raise FileNotFoundError(

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -137,6 +138,10 @@ def _dataset_files(cfg) -> list[Path]:
             if getattr(MetadataCatalog.get(name), "json_file", None)]
 
 
+class TrainingDivergedError(ValueError):
+    """A detection stage's losses became NaN or infinite: its settings need changing."""
+
+
 def run_stage(out: Path, name: str, product: Path, settings: dict, inputs: Sequence[Path], run) -> Path:
     """Run stage ``name`` (``run()`` writes ``product``) unless it finished with these settings and inputs.
 
@@ -156,7 +161,14 @@ def run_stage(out: Path, name: str, product: Path, settings: dict, inputs: Seque
         print(f"[pnp] resuming stage {name!r} from {resume_from}", flush=True)
     start = time.perf_counter()
     stage.start()
-    run()
+    try:
+        run()
+    except FloatingPointError as exc:  # detectron2's trainer stops when a loss is not finite
+        raise TrainingDivergedError(
+            f"stage {name!r} diverged ({str(exc).strip().splitlines()[0]}): lower the learning rate (SOLVER.BASE_LR, "
+            "or --finetune-lr / --pruner-lr for those stages) or lengthen the warm-up (SOLVER.WARMUP_ITERS), "
+            f"then delete {stage.path} and run again"
+        ) from None
     _synchronize()  # every process reads what rank 0 wrote
     _drop_resume_checkpoints(stage.path)
     stage.finish({"time_s": round(time.perf_counter() - start, 2), "product": str(product)})
@@ -407,15 +419,48 @@ def _plain(info: dict) -> dict:
     return {k: v for k, v in info.items() if isinstance(v, (int, float, str, dict))}
 
 
-def run_stages(stages: Sequence[str], cfg, out: str | Path, budget: float | None = 0.5, pruner_iters: int = 100,
-               pruner_lr: float = 1e-3, sparsity_weight: float = 1.0, kd_fpn: float = 0.0, kd_cls: float = 0.0,
-               finetune_iters: int | None = None, finetune_lr: float | None = None, report: bool = True,
-               scope: str = "detector", round_to: int = 1, min_channels: int = 1, inherit: str = "learned") -> dict | None:
-    """Run ``stages`` in order (a subset of :data:`STAGES`), then write and print the report.
+@dataclass(frozen=True)
+class DetectionRecipe:
+    """What the stages after the baseline do, every default written once.
 
-    ``budget`` is the fraction of the ``scope``'s FLOPs to keep: the whole detector's
-    (``"detector"``) or the backbone's (``"backbone"``, the heads left whole).
+    ``tools/train_net.py``'s flags default to these fields and the detection benchmark
+    starts from them, so what the benchmark measured is what the command runs.
     """
+
+    budget: float | None = 0.5  # fraction of the scope's FLOPs to keep
+    scope: str = "detector"  # the whole detector; "backbone" leaves the heads whole
+    round_to: int = 8  # channel counts in multiples of this (CPU kernels run faster)
+    min_channels: int = 1
+    inherit: str = "learned"  # which channels fill the learned widths: the pruner's or a criterion's
+    pruner_iters: int = 100
+    pruner_lr: float = 1e-3
+    sparsity_weight: float = 1.0
+    kd_fpn: float = 1.0  # fine-tuning: imitation of the teacher's kept FPN channels
+    kd_cls: float = 1.0  # fine-tuning: RoI class-logit distillation (R-CNNs; RetinaNet has none)
+    finetune_iters: int | None = None  # None: SOLVER.MAX_ITER
+    finetune_lr: float | None = None  # None: SOLVER.BASE_LR
+
+    def check(self, meta_architecture: str = "faster_rcnn") -> None:
+        """Raise ValueError naming the field and value for what no stage could use."""
+        if self.budget is not None and not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget {self.budget} is outside (0, 1]: it is the fraction of FLOPs to keep, e.g. 0.5")
+        for name in ("pruner_iters", "round_to", "min_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        for name in ("kd_fpn", "kd_cls", "sparsity_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} {getattr(self, name)} must be >= 0")
+        if self.kd_cls > 0 and meta_architecture == "retinanet":
+            raise ValueError("kd_cls distils RoI class logits, which RetinaNet has not; set it to 0 and use kd_fpn")
+
+    def for_architecture(self, meta_architecture: str) -> "DetectionRecipe":
+        """This recipe with what ``meta_architecture`` has not turned off (RetinaNet: no RoI class logits)."""
+        return replace(self, kd_cls=0.0) if meta_architecture == "retinanet" else self
+
+
+def run_stages(stages: Sequence[str], cfg, out: str | Path, recipe: DetectionRecipe = DetectionRecipe(),
+               report: bool = True) -> dict | None:
+    """Run ``stages`` in order (a subset of :data:`STAGES`) as ``recipe`` says, then write and print the report."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; use {list(STAGES)} or 'all'")
@@ -423,15 +468,17 @@ def run_stages(stages: Sequence[str], cfg, out: str | Path, budget: float | None
     durations = {}
     for stage in stages:
         start = time.perf_counter()
+        r = recipe
         if stage == "train":
             train_baseline(cfg, out)
         elif stage == "prune-train":
-            train_detector_pruner(cfg, out, pruner_iters, budget, lr=pruner_lr, sparsity_weight=sparsity_weight,
-                                  scope=scope)
+            train_detector_pruner(cfg, out, r.pruner_iters, r.budget, lr=r.pruner_lr, sparsity_weight=r.sparsity_weight,
+                                  scope=r.scope)
         elif stage == "prune":
-            prune_baseline(cfg, out, budget, scope=scope, inherit=inherit, round_to=round_to, min_channels=min_channels)
+            prune_baseline(cfg, out, r.budget, scope=r.scope, inherit=r.inherit, round_to=r.round_to,
+                           min_channels=r.min_channels)
         else:
-            finetune_pruned(cfg, out, kd_fpn, kd_cls, finetune_iters, finetune_lr)
+            finetune_pruned(cfg, out, r.kd_fpn, r.kd_cls, r.finetune_iters, r.finetune_lr)
         durations[stage] = round(time.perf_counter() - start, 2)
     if not report or not is_global_zero():
         return None

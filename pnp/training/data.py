@@ -10,6 +10,7 @@ preprocessed a batch at a time, which keeps small models fast on a CPU.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import math
 import pickle
 import struct
@@ -186,6 +187,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         train_augmented: Dataset | None = None,
         class_names: Sequence[str] | None = None,
         source: str | Path | None = None,
+        files: Sequence[dict] = (),
         batch_size: int = 128,
         num_workers: int = 0,
         val_size: int = 5000,
@@ -206,6 +208,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.input_shape = (preprocessing["channels"], *preprocessing["size"])
         self.class_names = list(class_names) if class_names is not None else None
         self.source = None if source is None else str(source)  # the folder the files were read from
+        self.files = [dict(f) for f in files]  # what was read: see file_record and listing_record
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_size = val_size
@@ -295,9 +298,12 @@ def build_datamodule(
         source = find_fashion_mnist(root_path)
         train_x, train_y, test_x, test_y = load_fashion_mnist(source)
         classes = FASHION_MNIST_CLASSES
+        paths = [_find_idx(source, base) for base in FASHION_MNIST_FILES.values()]
     else:
         source = find_cifar(root_path, 100 if key == "cifar100" else 10)
         train_x, train_y, test_x, test_y, classes = load_cifar(source, 100 if key == "cifar100" else 10)
+        _, train_files, test_files, meta_file, *_ = _cifar_layout(100 if key == "cifar100" else 10)
+        paths = [source / f for f in (*train_files, *test_files, meta_file) if (source / f).is_file()]
     channels = channels or int(train_x.shape[1])
     size = size or tuple(train_x.shape[-2:])
     if size != tuple(train_x.shape[-2:]) and (len(train_x) + len(test_x)) * train_x.shape[1] * size[0] * size[1] <= PRESIZE_BYTES:
@@ -315,8 +321,43 @@ def build_datamodule(
         preprocessing=preprocessing,
         class_names=classes,
         source=source,
+        files=[file_record(path) for path in paths],
         **common,
     )
+
+
+# --------------------------------------------------------------------------- what was read
+
+
+def file_record(path: Path) -> dict:
+    """Where a data file is, its size and its SHA-256, for the run's record."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return {"path": str(path), "bytes": stat.st_size, "sha256": _sha256(str(path), stat.st_mtime_ns, stat.st_size)}
+
+
+@lru_cache(maxsize=32)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def listing_record(folder: Path, samples: Sequence[tuple[str, int]]) -> dict:
+    """An image folder's split as its record: how many files, their bytes, and a SHA-256 of names, sizes and labels.
+
+    Image folders can hold millions of files, so their contents are not hashed; a file
+    added, removed, relabelled or resized changes the digest.
+    """
+    folder = Path(folder).resolve()
+    digest, total = hashlib.sha256(), 0
+    for path, label in samples:
+        size = Path(path).stat().st_size
+        total += size
+        digest.update(f"{Path(path).relative_to(folder)}\t{size}\t{label}\n".encode())
+    return {"path": str(folder), "files": len(samples), "bytes": total, "listing_sha256": digest.hexdigest()}
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -426,7 +467,13 @@ def load_fashion_mnist(folder: Path):
                 f"Fashion-MNIST files in {folder} do not fit together: images {tuple(images.shape)}, "
                 f"labels {tuple(labels.shape)}"
             )
-        out += [images.unsqueeze(1), labels.long()]
+        labels = labels.long()
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(FASHION_MNIST_CLASSES)):
+            raise ValueError(
+                f"Fashion-MNIST {part} labels in {folder} range over {int(labels.min())}..{int(labels.max())}, "
+                f"not 0..{len(FASHION_MNIST_CLASSES) - 1}: the labels file is not Fashion-MNIST's"
+            )
+        out += [images.unsqueeze(1), labels]
     return tuple(out)
 
 
@@ -576,15 +623,17 @@ def _imagefolder_module(root: Path, channels, size, augment: bool, common: dict)
     eval_tf = transforms.Compose(base + normalize)
     pad = max(1, round(size[0] / 8))
     aug_tf = transforms.Compose(base + [transforms.RandomCrop(size, padding=pad), transforms.RandomHorizontalFlip()] + normalize)
+    test = FixedClassImageFolder(test_dir, class_to_idx, eval_tf, allow_empty=True)
     return ClassificationDataModule(
         "imagefolder",
         train=FixedClassImageFolder(train_dir, class_to_idx, eval_tf),
         train_augmented=FixedClassImageFolder(train_dir, class_to_idx, aug_tf) if augment else None,
-        test=FixedClassImageFolder(test_dir, class_to_idx, eval_tf, allow_empty=True),
+        test=test,
         num_classes=len(classes),
         preprocessing=_preprocessing(channels, size, mean, std),
         class_names=classes,
         source=root,
+        files=[listing_record(train_dir, train_probe.samples), listing_record(test_dir, test.samples)],
         **common,
     )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +27,7 @@ INTERRUPTED_CHECKPOINT = Path("checkpoints") / "interrupted.ckpt"  # written whe
 
 
 RESUME_HINT = "interrupted; run the same command again to resume"
+DEBUG_VARIABLE = "PNP_DEBUG"  # set (e.g. PNP_DEBUG=1): a user error raises with its traceback, not a one-line message
 
 
 @contextlib.contextmanager
@@ -59,6 +60,15 @@ class StageConflictError(RuntimeError):
     """An output directory holds a stage run with a different config."""
 
 
+def _read_record(path: Path) -> dict | None:
+    """A JSON record as a dict, or None when it is unreadable (truncated, not JSON, not an object)."""
+    try:
+        record = read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def is_global_zero() -> bool:
     """True in the process that writes files (rank 0), also before any Trainer exists.
 
@@ -80,13 +90,18 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
         for key in sorted(set(old) | set(new), key=str):
             where = f"{prefix}.{key}" if prefix else str(key)
             if key not in old:
-                out.append(f"{where} (new: {new[key]!r})")
+                out.append(f"{where} (new: {_short(new[key])})")
             elif key not in new:
-                out.append(f"{where} (was {old[key]!r})")
+                out.append(f"{where} (was {_short(old[key])})")
             else:
                 out += _differences(old[key], new[key], where)
         return out
-    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+    return [] if old == new else [f"{prefix}: {_short(old)} -> {_short(new)}"]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass
@@ -96,6 +111,10 @@ class StageDir:
     path: Path
     name: str
     config: dict
+    # what a finished stage leaves (paths relative to ``path``); one missing makes the stage run again
+    outputs: tuple[str, ...] = ()
+    # more for stage.json that is not compared between runs (e.g. where the data files were)
+    record: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -114,18 +133,41 @@ class StageDir:
         path = self.path / STAGE_FILE
         if not path.is_file():
             return None
-        return read_json(path).get("config")
+        record = _read_record(path)
+        if record is None or not isinstance(record.get("config"), dict):
+            raise StageConflictError(
+                f"{path} cannot be read, so pnp cannot tell how the results in {self.path} were made; "
+                f"choose another out_dir, or delete {self.path} to run stage {self.name!r} again"
+            )
+        return record["config"]
 
     def is_done(self) -> bool:
         if not self.report_path.is_file():
             return False
-        return read_json(self.report_path).get("status") == "done"
+        record = _read_record(self.report_path)
+        if record is None:
+            self._set_aside(self.report_path, "cannot be read")
+            return False
+        if record.get("status") != "done":
+            return False
+        missing = [name for name in self.outputs if not (self.path / name).exists()]
+        if missing:
+            self._set_aside(self.report_path, f"says the stage finished, but {self.path / missing[0]} is missing")
+            return False
+        return True
+
+    def _set_aside(self, path: Path, why: str) -> None:
+        """Move an untrustworthy record out of the way (kept beside it) and say so."""
+        if is_global_zero():
+            aside = path.with_name(path.name + ".set-aside")
+            path.replace(aside)
+            print(f"[pnp] {path} {why}; set aside as {aside.name}, stage {self.name!r} runs again", flush=True)
 
     def check(self) -> str:
         """``"new"``, ``"resume"`` or ``"done"``; raise if a previous run used another config."""
         previous = self.previous_config()
         if previous is None:
-            if self.is_done() or self.last_checkpoint is not None:
+            if self.report_path.is_file() or self.last_checkpoint is not None:
                 raise StageConflictError(
                     f"{self.path} holds results but no {STAGE_FILE}, so pnp cannot tell how they were made; "
                     "choose another out_dir"
@@ -145,7 +187,7 @@ class StageDir:
 
     def start(self) -> None:
         if is_global_zero():
-            write_json_atomic(self.path / STAGE_FILE, {"stage": self.name, "config": self.config})
+            write_json_atomic(self.path / STAGE_FILE, {"stage": self.name, "config": self.config, **self.record})
 
     def finish(self, report: dict) -> dict:
         report = {"stage": self.name, "status": "done", **report}

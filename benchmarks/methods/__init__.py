@@ -1,0 +1,1 @@
+"""The methods benchmark (``benchmarks/bench_methods.py``): profiles, methods, runner, tables."""

@@ -1,0 +1,112 @@
+"""What the benchmark runs: per model, overrides of the shipped recipe; the methods, budgets and seeds.
+
+Every setting's default is the recipe ``pnp-pipeline`` ships (``configs/pipeline.yaml``
+and the schema in ``pnp/cli/config.py``); a profile says only where the benchmark
+differs from it, as OmegaConf dotlists on that composed config. The one section the
+recipe lacks is ``slim``: Network Slimming's sparsity training, which only the
+``bn_scale`` method runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from methods.methods import METHODS
+
+
+@dataclass
+class SlimConfig:
+    """bn_scale: Network Slimming's sparsity training, a short phase from the baseline.
+
+    ``reg`` (torch-pruning's BNScalePruner reg) is set per model so that the L1 push on
+    each BN scale, reg x the sum of the learning rates over the phase, is about 0.05
+    (torch-pruning's CIFAR benchmark: about 0.02; the Network Slimming paper's CIFAR
+    runs: 0.07 to 0.7). As in torch-pruning's benchmark, the L1 term replaces weight decay.
+    """
+
+    epochs: int = 1
+    lr: float = 0.05
+    reg: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One model on one dataset and how the recipe is changed for it."""
+
+    model: str  # a config of configs/model/
+    dataset: str = "fashion_mnist"  # a config of configs/data/
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-{self.dataset}"
+
+
+@dataclass(frozen=True)
+class Profile:
+    entries: tuple[Entry, ...]
+    methods: tuple[str, ...] = tuple(METHODS)
+    budgets: tuple[float, ...] = (0.5, 0.7, 0.9)  # fraction of FLOPs removed
+    seeds: tuple[int, ...] = (0, 1)
+    # overrides of every entry, before its own. No distillation while fine-tuning (the
+    # recipe distils), the same for every method; latency_ms in the table is the CPU
+    # median at the largest batch size, on the first thread count
+    overrides: tuple[str, ...] = field(default_factory=lambda: (
+        "finetune.kd_weight=0",
+        "trainer.enable_progress_bar=false",
+        "report.latency_batch_sizes=[1,64]",
+        "report.latency_threads=[1]",
+        "report.latency_repeats=10",
+    ))
+
+
+PROFILES: dict[str, Profile] = {
+    # CPU: about 30 core-minutes a seed (one process per model runs them side by side on 2 cores).
+    # LeNet-5 on all of Fashion-MNIST; ResNet-20 on 79 batches of 128 (10k images) an epoch.
+    # The pruner trains for the recipe's 3 epochs, the look-ahead for its 200 steps (ResNet-20: 60).
+    "quick": Profile(
+        entries=(
+            Entry("lenet5", overrides=("train.epochs=8", "finetune.epochs=3")),
+            Entry("resnet20", overrides=(
+                "train.epochs=8", "train.lr=0.1", "finetune.epochs=2", "trainer.limit_train_batches=79",
+                "inherit.steps=60", "slim.reg=2.5e-2",
+            )),
+        ),
+    ),
+    # one GPU (--device cuda); the CIFAR-10 entries run when --cifar10-root is given
+    "full": Profile(
+        entries=(
+            Entry("vgg16_bn", overrides=("train.epochs=30", "finetune.epochs=10", "slim.epochs=5")),
+            Entry("resnet56", overrides=("train.epochs=30", "train.lr=0.1", "finetune.epochs=10", "slim.epochs=5")),
+            Entry("vgg16_bn", "cifar10", overrides=(
+                "train.epochs=160", "train.lr=0.1", "finetune.epochs=40", "pruner.epochs=5",
+                "slim.epochs=20", "slim.reg=2.5e-4",
+            )),
+            Entry("resnet56", "cifar10", overrides=(
+                "train.epochs=160", "train.lr=0.1", "finetune.epochs=40", "pruner.epochs=5",
+                "slim.epochs=20", "slim.reg=2.5e-4",
+            )),
+        ),
+        seeds=(0, 1, 2),
+    ),
+    # seconds: the harness's own test. 4 batches of 64 an epoch, one epoch a stage.
+    "smoke": Profile(
+        entries=(
+            Entry("lenet5", overrides=(
+                "data.batch_size=64", "data.val_size=100", "trainer.limit_train_batches=4", "train.epochs=1",
+                "pruner.epochs=1", "pruner.calibration_samples=128", "finetune.epochs=1", "inherit.steps=3",
+                "inherit.eval_samples=50",
+            )),
+        ),
+        methods=("pnp", "l1"),
+        budgets=(0.5,),
+        seeds=(0,),
+        overrides=(
+            "finetune.kd_weight=0",
+            "trainer.enable_progress_bar=false",
+            "report.latency_batch_sizes=[1,8]",
+            "report.latency_threads=[1]",
+            "report.latency_repeats=2",
+        ),
+    ),
+}
