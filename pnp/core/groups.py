@@ -348,9 +348,12 @@ _NOT_FOLLOWED = (nn.RNNBase, nn.MultiheadAttention)
 
 
 # autograd nodes of ops that pick part of a tensor: torch-pruning passes channels through
-# them unchanged, which holds only when they do not act on the channels
+# them unchanged (or maps a split's pieces), which holds only when they do not act on the
+# channels or their sizes are not fixed in the model's code: groups through them are proven
 _SLICING = ("SliceBackward", "IndexBackward", "SelectBackward", "NarrowBackward", "IndexSelectBackward",
-            "GatherBackward", "AsStridedBackward", "TakeBackward")
+            "GatherBackward", "AsStridedBackward", "TakeBackward",
+            # splits: torch-pruning maps their pieces, but sizes written in the model's code stay as they were
+            "SplitBackward", "SplitWithSizesBackward", "UnbindBackward")
 
 
 def _slices(node) -> bool:
@@ -511,6 +514,7 @@ def find_channel_groups(
         unfollowed = _groups_surgery_cannot_follow(model, to_prove, example_inputs)
         excluded.update(unfollowed)
         groups = [g for g in groups if g.name not in unfollowed]
+        flows = {call: [(n, r) for n, r in carried if n not in unfollowed] for call, carried in flows.items()}
     result = ChannelGroups(groups, excluded, example_inputs)
     result.layer_costs = layer_costs(model, example_inputs, result, flows)
     marginal = CostModel(result).marginal_costs()
