@@ -7,9 +7,11 @@ thresholded by bisection to the budget, then filled with the best-ranked channel
 that fit), fine-tuned by the same schedule and evaluated the same way. Every stage
 is the product's own (``pnp.cli.stages``, what ``pnp-pipeline`` runs) with the shipped
 recipe (``configs/pipeline.yaml``); a profile (``benchmarks/methods/profiles.py``) only
-overrides it. The methods are listed in ``benchmarks/methods/methods.py``.
+overrides it. The methods are listed in ``benchmarks/methods/methods.py``; the control
+among them fine-tunes the baseline by the same schedule, nothing cut, once per model and seed.
 
     python benchmarks/bench_methods.py --profile quick                  # CPU, about an hour on 2 cores
+    python benchmarks/bench_methods.py --profile standard --models resnet20 --seeds 0  # CPU, in parts
     python benchmarks/bench_methods.py --profile full --device cuda --cifar10-root DIR
     python benchmarks/bench_methods.py --models lenet5 --methods pnp l1 --budgets 0.7 --seeds 0
     python benchmarks/bench_methods.py --set resnet20:finetune.epochs=3 --set report.latency_repeats=20
@@ -19,7 +21,9 @@ overrides it. The methods are listed in ``benchmarks/methods/methods.py``.
 Writes, under --out: each run's stages (``stages/``: a finished stage is reused, an
 interrupted one resumes, one with other settings is refused), one record per run
 (``runs/<model>-<dataset>/<method>-r<removed %>-s<seed>.json``), ``results.json`` (every
-record, the machine, the commit), ``table.md`` and ``accuracy_vs_flops.png``.
+record, the machine, the commit, pnp's paired differences), ``table.md`` (mean ± std over
+seeds; pnp against the best criterion, paired by seed, with a 95% interval; accuracy before
+fine-tuning; times) and ``accuracy_vs_flops.png``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Each is registered as a builder (``build_model("pnp:resnet56", num_classes=10)``)
 and takes ``in_channels``, ``num_classes`` and ``input_size``, so one config can
-switch between them. All are plain Conv/BN/Linear stacks that pnp can prune.
+switch between them. All are plain Conv/BN/Linear stacks (MobileNetV2 with
+depthwise convs) that pnp can prune.
 """
 
 from __future__ import annotations
@@ -143,6 +144,89 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+# (expansion, output channels, blocks, stride of the first block) per stage: Sandler et al.'s
+# Table 2 with its first two stride-2 layers (the stem and this stage) at stride 1: the usual
+# CIFAR form, which halves 32x32 inputs three times (down to 4x4)
+MOBILENETV2_LAYOUT = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),  # stride 2 in the paper
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+def _round_channels(channels: float, divisor: int = 8) -> int:
+    """``channels`` to the nearest multiple of ``divisor``, at least ``divisor`` and never 10% below ``channels``."""
+    rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
+class InvertedResidual(nn.Module):
+    """1x1 expansion conv-BN-ReLU6, 3x3 depthwise conv-BN-ReLU6, 1x1 linear projection conv-BN.
+
+    The input is added to the output when both have the same shape; without expansion
+    (``expansion == 1``) the 1x1 expansion is left out.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int, expansion: int):
+        super().__init__()
+        hidden = in_planes * expansion
+        layers: list[nn.Module] = []
+        if expansion != 1:
+            layers += [nn.Conv2d(in_planes, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True)]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, planes, 1, bias=False),
+            nn.BatchNorm2d(planes),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and in_planes == planes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class CifarMobileNetV2(nn.Module):
+    """MobileNetV2 for 28x28 and 32x32 inputs: a stride-1 stem, stages of inverted residual blocks, 1x1 conv, pool, fc.
+
+    Three stages halve the feature map (``MOBILENETV2_LAYOUT``): 32x32 inputs end at 4x4. Channels
+    are scaled by ``width`` and rounded to multiples of 8; the last conv keeps 1280
+    channels unless ``width`` is above 1, as in the paper.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: float = 1.0, layout=MOBILENETV2_LAYOUT):
+        super().__init__()
+        _check_positive(in_channels=in_channels, num_classes=num_classes)
+        if not width > 0:
+            raise ValueError(f"width={width!r} must be a positive number (1.0 is the paper's network)")
+        stem = _round_channels(32 * width)
+        last = _round_channels(1280 * max(1.0, width))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6(inplace=True)
+        )
+        blocks: list[nn.Module] = []
+        in_planes = stem
+        for expansion, channels, count, stride in layout:
+            planes = _round_channels(channels * width)
+            for i in range(count):
+                blocks.append(InvertedResidual(in_planes, planes, stride if i == 0 else 1, expansion))
+                in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Sequential(nn.Conv2d(in_planes, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6(inplace=True))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(last, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head(self.blocks(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
 def _init_weights(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -174,3 +258,10 @@ def resnet56(in_channels: int = 1, num_classes: int = 10, input_size: int = 28) 
     """``input_size`` is accepted so all pnp builders share one signature; global pooling adapts to it."""
     _check_positive(input_size=input_size)
     return CifarResNet(56, in_channels, num_classes)
+
+
+@register_builder("mobilenetv2")
+def mobilenetv2(in_channels: int = 1, num_classes: int = 10, input_size: int = 28, width: float = 1.0) -> CifarMobileNetV2:
+    """``input_size`` is accepted so all pnp builders share one signature; global pooling adapts to it."""
+    _check_positive(input_size=input_size)
+    return CifarMobileNetV2(in_channels, num_classes, width)

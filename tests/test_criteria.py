@@ -186,12 +186,14 @@ def test_bench_methods_smoke_writes_records_table_and_plot(tmp_path):
     bench = _bench_module()
     data = write_fashion_mnist(tmp_path / "fmnist", n_train=600, n_test=200)
     out = tmp_path / "out"
-    argv = ["--profile", "smoke", "--data-root", str(data), "--out", str(out), "--methods", "pnp", "l1", "bn_scale"]
+    argv = ["--profile", "smoke", "--data-root", str(data), "--out", str(out), "--methods", "pnp", "l1", "bn_scale",
+            "control"]
     results = bench.main(argv)
 
     runs = sorted((out / "runs" / "lenet5-fashion_mnist").glob("*.json"))
-    assert [p.name for p in runs] == ["bn_scale-r50-s0.json", "l1-r50-s0.json", "pnp-r50-s0.json"]
+    assert [p.name for p in runs] == ["bn_scale-r50-s0.json", "control-r00-s0.json", "l1-r50-s0.json", "pnp-r50-s0.json"]
     assert "no BatchNorm" in json.loads(runs.pop(0).read_text())["not_applicable"]
+    control = json.loads(runs.pop(0).read_text())
     seed_dir = out / "stages" / "lenet5-fashion_mnist-s0"
     baseline = json.loads((seed_dir / "baseline" / "report.json").read_text())["model"]
     for path in runs:
@@ -207,7 +209,7 @@ def test_bench_methods_smoke_writes_records_table_and_plot(tmp_path):
         assert settings["train"]["epochs"] == 1 and settings["finetune"]["kd_weight"] == 0
         assert settings["readout"]["budget"] == 0.5 and settings["readout"]["fill"] is True
         assert (out / record["stages"]["finetune"] / "model").is_dir()
-    assert len(results["records"]) == 2 and len(results["not_applicable"]) == 1
+    assert len(results["records"]) == 3 and len(results["not_applicable"]) == 1
     assert results["environment"]["torch"] == torch.__version__
     pnp_record = json.loads((out / "runs" / "lenet5-fashion_mnist" / "pnp-r50-s0.json").read_text())
     assert pnp_record["settings"]["pruner"]["budget"] == 0.5  # the pruner learns at the budget surgery cuts to
@@ -215,9 +217,17 @@ def test_bench_methods_smoke_writes_records_table_and_plot(tmp_path):
     assert set(tried) == {"learned", "l1", "magnitude"} and pnp_record["inherit"]["choice"] in tried
     l1_record = json.loads((out / "runs" / "lenet5-fashion_mnist" / "l1-r50-s0.json").read_text())
     assert l1_record["settings"]["criterion"] == "l1" and "inherit" not in l1_record
+    # the control: the baseline itself through stages.finetune, by the methods' schedule, nothing cut
+    assert RECORD_FIELDS <= set(control) and control["budget"] == 0.0 and control["flops_kept"] == 1.0
+    assert control["accuracy_pruned"] == control["baseline_accuracy"] == baseline["accuracy"]
+    assert control["select_s"] == 0.0 and control["wall_s"] == control["finetune_s"]
+    assert set(control["stages"]) == {"train", "finetune"} and (out / control["stages"]["finetune"] / "model").is_dir()
+    assert control["settings"]["finetune"] == l1_record["settings"]["finetune"] and "readout" not in control["settings"]
     table = (out / "table.md").read_text()
     assert "| pnp |" in table and "L1 (Li+17)" in table and "| lenet5 | fashion_mnist | 50% |" in table
     assert "n/a: bn_scale on lenet5" in table
+    assert "| control (baseline fine-tuned) | pnp |" in table  # a column beside the baseline
+    assert "| lenet5 | fashion_mnist | 50% | L1 (Li+17) | 1 |" in table and "(one seed)" in table
     assert (out / "accuracy_vs_flops.png").read_bytes().startswith(b"\x89PNG")
 
     # a second run finds every record and stage on disk and trains nothing
@@ -315,3 +325,104 @@ def test_sparsity_training_pulls_bn_scales_towards_zero_and_is_reused(tmp_path):
         assert again.skipped and again.report == trained.report
         assert all(torch.equal(x, y) for x, y in zip(trained.model.state_dict().values(), again.model.state_dict().values()))
     assert scales[0.5] < 0.98 * scales[0.0]
+
+
+# ---------------------------------------------------------------- the benchmark's statistics
+
+
+def _records(diffs: dict[str, list[float]], budget: float = 0.5) -> list[dict]:
+    """Hand-made run records of one model and budget: TP magnitude at 90 + seed, other methods that far from it."""
+    out = []
+    for method, offsets in diffs.items():
+        for seed, offset in enumerate(offsets):
+            out.append({"model": "resnet20", "dataset": "fashion_mnist", "method": method, "budget": budget,
+                        "seed": seed, "accuracy": 90.0 + seed + offset, "accuracy_pruned": 50.0 + offset,
+                        "baseline_accuracy": 95.0, "flops": 1e6, "flops_kept": 1 - budget, "baseline_flops": 2e6,
+                        "select_s": 1.0, "wall_s": 10.0})
+    return out
+
+
+def test_t_quantiles_are_students():
+    _bench_module()
+    from methods.tables import t_975
+
+    for df, expected in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042), (60, 2.000), (120, 1.980)):
+        assert t_975(df) == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(ValueError, match="df=0"):
+        t_975(0)
+
+
+@pytest.mark.parametrize("pnp, verdict, interval", [
+    ([0.3, 0.5, 0.4, 0.6, 0.2], "ahead", (0.2037, 0.5963)),  # 0.4 ± 2.776 * 0.1581 / sqrt(5)
+    ([-0.3, -0.5, -0.4, -0.6, -0.2], "behind", (-0.5963, -0.2037)),
+    ([0.5, -0.3, 0.2, -0.1, 0.4], "level", (-0.2773, 0.5573)),
+])
+def test_pnp_is_compared_with_the_best_criterion_paired_by_seed(pnp, verdict, interval):
+    _bench_module()
+    from methods.tables import against_best, format_table
+
+    # taylor is behind magnitude; pnp's other form and the control are above all, but are no rivals
+    records = _records({"magnitude": [0.0] * 5, "taylor": [-1.0] * 5, "pnp_learned": [3.0] * 5, "control": [4.0] * 5,
+                        "pnp": pnp})
+    paired = against_best(records[::-1])  # paired by seed, not by order
+    assert paired.rival == "magnitude" and paired.seeds == (0, 1, 2, 3, 4)
+    assert paired.mean == pytest.approx(sum(pnp) / 5) and paired.worst == pytest.approx(min(pnp))
+    assert paired.interval == pytest.approx(interval, abs=1e-4)
+    assert paired.verdict == verdict
+    # a seed the rival lacks is left out of the pairs
+    fewer = against_best([r for r in records if not (r["method"] == "magnitude" and r["seed"] == 4)])
+    assert fewer.seeds == (0, 1, 2, 3) and fewer.diffs == pytest.approx(pnp[:4])
+
+    table = format_table(records, ("pnp", "pnp_learned", "magnitude", "taylor", "control"), [], {}, "test")
+    row = next(line for line in table.splitlines() if line.startswith("| resnet20 | fashion_mnist | 50% | TP group magnitude |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4:] == ["5", f"{sum(pnp) / 5:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}]", f"{min(pnp):+.2f}",
+                         verdict if verdict == "level" else f"**{verdict}**"]
+
+
+def test_table_reports_accuracy_before_fine_tuning_and_times_against_the_criteria():
+    _bench_module()
+    from methods.tables import format_table
+
+    records = _records({"magnitude": [0.0, 0.0], "taylor": [-1.0, -1.0], "pnp": [0.5, 0.5], "control": [2.0, 2.0]})
+    for r in records:
+        r["wall_s"] = {"pnp": 60.0, "magnitude": 10.0, "taylor": 20.0, "control": 8.0}[r["method"]]
+        r["select_s"] = 0.0 if r["method"] == "control" else r["select_s"]
+        if r["method"] == "control":
+            r["budget"], r["flops_kept"] = 0.0, 1.0
+    table = format_table(records, ("pnp", "magnitude", "taylor", "control"), [], {}, "test").splitlines()
+    start = table.index(next(line for line in table if "before fine-tuning" in line))
+    assert "| resnet20 | fashion_mnist | 50% | **50.50** | 50.00 | 49.00 |" in table[start:]
+    # pnp's 60 s against the criteria's mean of 15 s; the control fine-tunes only, once for every budget
+    assert "| resnet20 | fashion_mnist | 50% | 0.0 / 8.0 | 1.0 / 60 | 1.0 / 10 | 1.0 / 20 | ×4.0 |" in table
+    assert table[7].startswith("| resnet20 | fashion_mnist | 50% | 95.00 | 92.50 ± 0.71 (n=2) | **91.00 ± 0.71 (n=2)** |")
+
+
+def test_standard_profile_is_the_one_the_issue_fixes(tmp_path):
+    bench = _bench_module()
+    from methods.profiles import PROFILES, Entry, Profile
+    from methods.runner import Options, recipe, resolve, run_recipe
+
+    standard, quick = PROFILES["standard"], PROFILES["quick"]
+    assert [(e.model, e.dataset) for e in standard.entries] == [
+        ("lenet5", "fashion_mnist"), ("resnet20", "fashion_mnist"), ("resnet56", "fashion_mnist"),
+        ("mobilenetv2", "fashion_mnist")]
+    assert standard.budgets == (0.5, 0.7, 0.9) and standard.seeds == (0, 1, 2, 3, 4)
+    assert standard.methods == ("pnp", "pnp_learned", "magnitude", "taylor", "control")
+    options = Options(tmp_path)
+    quick_cfg = resolve(quick, [], options).recipes
+    cfgs = resolve(standard, [], options).recipes
+    shipped = recipe(Profile(entries=(Entry("lenet5"),), overrides=()), Entry("lenet5"), options)
+    for entry in standard.entries:
+        like = quick_cfg["lenet5-fashion_mnist" if entry.model == "lenet5" else "resnet20-fashion_mnist"]
+        cfg = cfgs[entry.name]
+        assert cfg.finetune.epochs >= 5 * like.finetune.epochs
+        assert cfg.trainer.limit_train_batches == like.trainer.limit_train_batches  # LeNet-5: all; the others: 79
+        # distillation is the recipe's, and every method (the control too) fine-tunes by one schedule
+        assert cfg.finetune.kd_weight == shipped.finetune.kd_weight
+        schedules = {str(run_recipe(cfg, entry, m, 0, 0.7, options).finetune) for m in standard.methods}
+        assert len(schedules) == 1
+    # one --set changes it for every model and method alike
+    off = resolve(standard, ["finetune.kd_weight=0"], options).recipes
+    assert all(cfg.finetune.kd_weight == 0 for cfg in off.values())
+    assert bench.parse_args(["--profile", "standard"]).profile == "standard"

@@ -7,7 +7,7 @@ from pnp.core.builders import build_model, registered_builders
 from pnp.core.groups import find_channel_groups, keep_from_ratio
 from pnp.core.surgery import apply_surgery
 
-MODELS = ["lenet5", "vgg16_bn", "resnet20", "resnet56"]
+MODELS = ["lenet5", "vgg16_bn", "resnet20", "resnet56", "mobilenetv2"]
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -58,3 +58,32 @@ def test_vgg_works_on_small_inputs_and_rejects_bad_arguments():
         build_model("pnp:lenet5", num_classes=0)
     with pytest.raises(ValueError, match="input_size=8"):
         build_model("pnp:lenet5", input_size=8)
+
+
+def test_mobilenetv2_cifar_form_downsamples_three_times_and_is_cut_exactly(randomize_norms, gated_output):
+    from pnp.core.cost import CostModel, count_flops_params
+    from pnp.core.groups import legalize_keep
+
+    torch.manual_seed(0)
+    model = randomize_norms(build_model("pnp:mobilenetv2", num_classes=10)).eval()
+    with torch.no_grad():
+        assert model.blocks(model.stem(torch.randn(1, 1, 32, 32))).shape[-2:] == (4, 4)  # stem and stage 2 at stride 1
+    x = torch.randn(2, 1, 28, 28)
+    groups = find_channel_groups(model, x)
+    assert set(groups.excluded) == {"fc"}  # only the classifier's outputs are left out
+    # a block's expansion, depthwise conv and their norms lose the same channels
+    expanded = next(g for g in groups if "blocks.3.conv.3" in g.producers)
+    assert {"blocks.3.conv.0", "blocks.3.conv.1", "blocks.3.conv.4"} <= set(expanded.producers)
+    # residual adds tie each stage's block outputs together
+    stage = next(g for g in groups if "blocks.1.conv.6" in g.producers)
+    assert "blocks.2.conv.6" in stage.producers
+
+    gen = torch.Generator().manual_seed(1)
+    keep = {g.name: torch.rand(g.size, generator=gen) < 0.6 for g in groups}
+    keep, _ = legalize_keep(groups, keep)
+    pruned = apply_surgery(model, groups, keep, x, verify=True)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), gated_output(model, groups, keep, x), rtol=1e-3, atol=1e-4)
+    depthwise = pruned.blocks[3].conv[3]
+    assert depthwise.groups == depthwise.in_channels == depthwise.out_channels == int(keep[expanded.name].sum())
+    assert float(CostModel(groups).flops(keep)) == pytest.approx(count_flops_params(pruned, x).flops, rel=1e-3)

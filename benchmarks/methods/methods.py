@@ -12,6 +12,8 @@ Each method runs the product's stages (:mod:`pnp.cli.stages`) on the baseline:
     random       random channels
     magnitude    torch-pruning's group magnitude (L2), global ranking
     taylor       torch-pruning's group Taylor, global ranking
+    control      nothing cut: the baseline fine-tuned by the same schedule (``stages.finetune``
+                 on it), once per model and seed, to show how far fine-tuning alone moves it
 
 The criteria rank channels as ``pnp-prune criterion=<name>`` does
 (``stages.criterion_scores``, torch-pruning's importance classes) and are read out by
@@ -67,6 +69,7 @@ class Method:
     """One way to choose channels. ``sections`` and ``overrides`` say what in the recipe decides it."""
 
     label: str
+    prunes: bool = True  # False: the baseline goes to fine-tuning as it is, once per seed, with no budget
     overrides: tuple[str, ...] = ()  # recipe overrides that make this method (applied last)
     sections: tuple[str, ...] = ()  # recipe sections that decide its choice, beyond model, data, train, readout
     criterion: str | None = None
@@ -174,6 +177,15 @@ class BNSparsity(pl.Callback):
         self.pruner.regularize(pl_module.model)
 
 
+class Control(Method):
+    """The baseline fine-tuned as the pruned models are, nothing cut: how far that schedule alone moves it."""
+
+    prunes = False
+
+    def __init__(self, label: str):
+        self.label = label
+
+
 METHODS: dict[str, Method] = {
     "pnp": LearnedPruner("pnp", choice="auto"),
     "pnp_learned": LearnedPruner("pnp, pruner's picks", choice="learned"),
@@ -182,4 +194,5 @@ METHODS: dict[str, Method] = {
     "random": Criterion("random", "random"),
     "magnitude": Criterion("TP group magnitude", "magnitude"),
     "taylor": Criterion("TP group Taylor", "taylor"),
+    "control": Control("control (baseline fine-tuned)"),
 }

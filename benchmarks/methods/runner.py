@@ -10,8 +10,9 @@ an interrupted one resumes from its last checkpoint, and one that ran with other
 settings is refused before anything trains.
 
 Under ``--out``: ``stages/<model>-<dataset>-s<seed>/`` (``baseline/``, ``pruner-k<kept %>/``,
-``slim/``, ``<method>-r<removed %>/prune`` and ``/finetune``) and one record per run,
-``runs/<model>-<dataset>/<method>-r<removed %>-s<seed>.json``.
+``slim/``, ``<method>-r<removed %>/prune`` and ``/finetune``, ``control/finetune``) and one
+record per run, ``runs/<model>-<dataset>/<method>-r<removed %>-s<seed>.json`` (the control,
+which removes nothing, once per model and seed: ``control-r00-s<seed>.json``).
 """
 
 from __future__ import annotations
@@ -154,8 +155,12 @@ def recipe(profile: Profile, entry: Entry, options: Options) -> DictConfig:
 
 
 def run_recipe(base: DictConfig, entry: Entry, method: str, seed: int, removed: float, options: Options) -> DictConfig:
-    """An entry's recipe (:func:`recipe`) with the method's overrides and the run's seed, budget and directory."""
-    run = [*METHODS[method].overrides, f"seed={seed}", f"data.seed={seed}", f"readout.budget={kept(removed)}",
+    """An entry's recipe (:func:`recipe`) with the method's overrides and the run's seed, budget and directory.
+
+    A method that cuts nothing (the control) has no budget: ``readout.budget`` is null.
+    """
+    budget = kept(removed) if METHODS[method].prunes else "null"
+    run = [*METHODS[method].overrides, f"seed={seed}", f"data.seed={seed}", f"readout.budget={budget}",
            f"out_dir={stage_root(options.out, entry, seed)}"]
     cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(run))  # plain values of the schema: no group to compose
     try:
@@ -202,7 +207,8 @@ class Run:
 
     @property
     def tag(self) -> str:
-        return f"[{self.entry.name} s{self.seed}] {self.method} -{self.removed:.0%} FLOPs"
+        cut = f"-{self.removed:.0%} FLOPs" if "prune" in self.dirs else "(nothing cut)"
+        return f"[{self.entry.name} s{self.seed}] {self.method} {cut}"
 
     @property
     def settings(self) -> dict:
@@ -211,18 +217,25 @@ class Run:
 
 
 def plan(base: DictConfig, entry: Entry, seed: int, method: str, removed: float, options: Options) -> Run:
-    cfg = run_recipe(base, entry, method, seed, removed, options)
+    """A run's recipe, its stages and its record; a method that cuts nothing runs with ``removed`` 0."""
     m = METHODS[method]
+    removed = removed if m.prunes else 0.0
+    cfg = run_recipe(base, entry, method, seed, removed, options)
     root = stage_root(options.out, entry, seed)
+    record = record_path(options.out, entry, method, removed, seed)
+    dirs = {"train": StageDir(root / "baseline", "train", stages.what_config(cfg, "model", "data", "train"))}
+    if not m.prunes:  # the baseline itself is fine-tuned
+        config = stages.what_config(cfg, "model", "data", "train", "finetune", method=method)
+        dirs["finetune"] = StageDir(root / method / "finetune", "finetune", config)
+        return Run(entry, seed, method, removed, cfg, dirs, record, options.out)
     run_dir = root / f"{method}-r{round(removed * 100):02d}"
     # each stage's record holds everything upstream of it, so a stale stage is refused, not reused
     sections = ("model", "data", "train", *m.sections, "readout")
     chosen_by = {"method": method, "verify": cfg.verify, **({"criterion": m.criterion} if m.criterion else {})}
-    dirs = {"train": StageDir(root / "baseline", "train", stages.what_config(cfg, "model", "data", "train"))}
     dirs.update(m.preparation(cfg, root))
     dirs["prune"] = StageDir(run_dir / "prune", "prune", stages.what_config(cfg, *sections, **chosen_by))
     dirs["finetune"] = StageDir(run_dir / "finetune", "finetune", stages.what_config(cfg, *sections, "finetune", **chosen_by))
-    return Run(entry, seed, method, removed, cfg, dirs, record_path(options.out, entry, method, removed, seed), options.out)
+    return Run(entry, seed, method, removed, cfg, dirs, record, options.out)
 
 
 def states(run: Run) -> dict[str, str]:
@@ -260,7 +273,8 @@ def run_benchmark(bench: Benchmark, options: Options) -> None:
             continue
         base = bench.recipes[entry.name]
         for seed in profile.seeds:
-            runs = [plan(base, entry, seed, m, b, options) for m in profile.methods for b in profile.budgets]
+            runs = [plan(base, entry, seed, m, b, options) for m in profile.methods
+                    for b in (profile.budgets if METHODS[m].prunes else (0.0,))]
             pending = [r for r in runs if not finished(r)]
             for r in pending:
                 states(r)  # refuse any stage with other settings before anything trains
@@ -275,7 +289,8 @@ def run_seed(runs: list[Run]) -> None:
     """The baseline of one model and seed, then each run on it."""
     first = runs[0]
     data = stages.build_data(first.cfg)
-    for budget in sorted({r.cfg.readout.budget for r in runs}):  # an unreachable budget is refused before training
+    # an unreachable budget is refused before training
+    for budget in sorted({r.cfg.readout.budget for r in runs if "prune" in r.dirs}):
         stages.check_readout(next(r.cfg for r in runs if r.cfg.readout.budget == budget), data)
     stage = first.dirs["train"]
     state = stage.check()
@@ -293,37 +308,45 @@ def run_seed(runs: list[Run]) -> None:
             write_json_atomic(run.record, record)
             continue
         write_json_atomic(run.record, record)
-        print(f"{run.tag}: {record['accuracy']:.2f}% (pruned {record['accuracy_pruned']:.2f}%, baseline "
+        print(f"{run.tag}: {record['accuracy']:.2f}% (before fine-tuning {record['accuracy_pruned']:.2f}%, baseline "
               f"{record['baseline_accuracy']:.2f}%), FLOPs kept {record['flops_kept']:.3f}, {record['wall_s']:.0f} s",
               flush=True)
 
 
 def run_one(run: Run, data: stages.Data, baseline: stages.StageResult, groups) -> dict:
-    """Choose channels, cut them, fine-tune, measure: one record."""
+    """Choose channels, cut them, fine-tune, measure: one record. The control fine-tunes the baseline as it is."""
     cfg, dirs = run.cfg, run.dirs
     state = states(run)
-    source = keep = info = None
-    inherit, before = True, None
-    if state["prune"] != "done":
-        prepared = [name for name in dirs if name not in ("train", "prune", "finetune")]
-        ctx = Context(cfg, data, baseline.model, baseline.report["model"], groups,
-                      {n: dirs[n] for n in prepared}, {n: state[n] for n in prepared})
-        choice = METHODS[run.method].choose(ctx)
-        source, keep, inherit, before = copy.deepcopy(choice.source), choice.keep, choice.inherit, choice.before
-        info = {**choice.info, "select_steps_s": choice.times}  # kept in the prune stage's report
-    pruned = stages.prune(cfg, data, dirs["prune"], state["prune"], source, groups, keep, info, before=before,
-                          inherit_weights=inherit)
+    pruned = None
+    if "prune" in dirs:
+        source = keep = info = None
+        inherit, before = True, None
+        if state["prune"] != "done":
+            prepared = [name for name in dirs if name not in ("train", "prune", "finetune")]
+            ctx = Context(cfg, data, baseline.model, baseline.report["model"], groups,
+                          {n: dirs[n] for n in prepared}, {n: state[n] for n in prepared})
+            choice = METHODS[run.method].choose(ctx)
+            source, keep, inherit, before = copy.deepcopy(choice.source), choice.keep, choice.inherit, choice.before
+            info = {**choice.info, "select_steps_s": choice.times}  # kept in the prune stage's report
+        pruned = stages.prune(cfg, data, dirs["prune"], state["prune"], source, groups, keep, info, before=before,
+                              inherit_weights=inherit)
     teacher = copy.deepcopy(baseline.model) if cfg.finetune.kd_weight > 0 else None
-    tuned = stages.finetune(cfg, data, dirs["finetune"], state["finetune"], copy.deepcopy(pruned.model), teacher)
-    return record(run, baseline.report, pruned.report, tuned.report, tuned.model, data.input_shape)
+    start = pruned.model if pruned is not None else baseline.model
+    tuned = stages.finetune(cfg, data, dirs["finetune"], state["finetune"], copy.deepcopy(start), teacher)
+    return record(run, baseline.report, pruned.report if pruned is not None else None, tuned.report, tuned.model,
+                  data.input_shape)
 
 
-def record(run: Run, base: dict, pruned: dict, tuned: dict, model, input_shape) -> dict:
-    """The run's record, from its stages' reports (and GPU latency, measured here, with --device cuda)."""
+def record(run: Run, base: dict, pruned: dict | None, tuned: dict, model, input_shape) -> dict:
+    """The run's record, from its stages' reports (and GPU latency, measured here, with --device cuda).
+
+    Without a prune stage (the control) nothing was chosen or cut: no selection time, all FLOPs kept,
+    and the accuracy before fine-tuning is the baseline's.
+    """
     cfg = run.cfg
     before, after = base["model"], tuned["model"]
     batch, threads = max(cfg.report.latency_batch_sizes), cfg.report.latency_threads[0]
-    steps = {**pruned["readout"].get("select_steps_s", {}), "prune_s": pruned["time_s"]}
+    steps = {**pruned["readout"].get("select_steps_s", {}), "prune_s": pruned["time_s"]} if pruned else {}
     select_s = sum(steps.values())
     out = {
         "model": cfg.model.name,
@@ -332,7 +355,7 @@ def record(run: Run, base: dict, pruned: dict, tuned: dict, model, input_shape) 
         "budget": run.removed,
         "seed": run.seed,
         "accuracy": after["accuracy"],
-        "accuracy_pruned": pruned["after"]["accuracy"],
+        "accuracy_pruned": (pruned["after"] if pruned else before)["accuracy"],
         "baseline_accuracy": before["accuracy"],
         "flops": after["flops"],
         "params": after["params"],
@@ -349,10 +372,9 @@ def record(run: Run, base: dict, pruned: dict, tuned: dict, model, input_shape) 
         "select_s": select_s,
         "select_steps_s": steps,
         "finetune_s": tuned["time_s"],
-        "predicted_flops_kept": pruned["readout"]["flops_fraction"],
-        **({"inherit": pruned["inherit"]} if "inherit" in pruned else {}),
-        "channels_kept": pruned["channels_kept"],
-        "channels_total": pruned["channels_total"],
+        "predicted_flops_kept": pruned["readout"]["flops_fraction"] if pruned else 1.0,
+        **({"inherit": pruned["inherit"]} if pruned and "inherit" in pruned else {}),
+        **({"channels_kept": pruned["channels_kept"], "channels_total": pruned["channels_total"]} if pruned else {}),
         "device": "cuda" if cfg.trainer.accelerator == "gpu" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

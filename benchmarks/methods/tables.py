@@ -1,9 +1,15 @@
-"""The benchmark's outputs from the run records on disk: ``results.json``, ``table.md``, ``accuracy_vs_flops.png``."""
+"""The benchmark's outputs from the run records on disk: ``results.json``, ``table.md``, ``accuracy_vs_flops.png``.
+
+Besides each method's mean ± std over seeds, the table says whether pnp is ahead of
+the best criterion of each row: the difference paired by seed (each seed's methods
+share one baseline), with a 95% t-interval over seeds and the worst seed.
+"""
 
 from __future__ import annotations
 
+import math
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from methods.environment import environment
@@ -11,32 +17,127 @@ from methods.methods import METHODS
 from methods.profiles import Profile
 from pnp.core.io import read_json, write_json_atomic, write_text_atomic
 
+PNP = "pnp"
+# Student's t 0.975 quantiles (a two-sided 95% interval) for 1 to 30 degrees of freedom
+T_975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+    2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)
+
+
+def t_975(df: int) -> float:
+    """Student's t 0.975 quantile for ``df`` degrees of freedom (beyond 30, its Cornish-Fisher expansion: within 1e-4)."""
+    if df < 1:
+        raise ValueError(f"df={df}: a t-interval needs at least 1 degree of freedom (2 paired seeds)")
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``method`` minus ``rival`` in test accuracy, seed by seed: their mean, 95% t-interval and the worst seed."""
+
+    method: str
+    rival: str
+    seeds: tuple[int, ...]
+    diffs: tuple[float, ...]  # percentage points, one per seed
+
+    @property
+    def n(self) -> int:
+        return len(self.diffs)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.diffs)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """mean ± t(0.975, n-1) * sd / sqrt(n); None with one seed."""
+        if self.n < 2:
+            return None
+        half = t_975(self.n - 1) * statistics.stdev(self.diffs) / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
+    @property
+    def worst(self) -> float:
+        return min(self.diffs)
+
+    @property
+    def verdict(self) -> str:
+        """"ahead" when the whole interval is above 0, "behind" when below, "level" otherwise."""
+        if self.interval is None:
+            return "one seed"
+        low, high = self.interval
+        return "ahead" if low > 0 else "behind" if high < 0 else "level"
+
+    def to_dict(self) -> dict:
+        low, high = self.interval or (None, None)
+        return {**asdict(self), "n": self.n, "mean": self.mean, "low": low, "high": high, "worst": self.worst,
+                "verdict": self.verdict}
+
+
+def paired_difference(records: list[dict], method: str, rival: str) -> PairedDifference | None:
+    """``method`` minus ``rival`` over the seeds both have a record of (``records``: one model, dataset and budget)."""
+    accuracy = {m: {r["seed"]: r["accuracy"] for r in records if r["method"] == m} for m in (method, rival)}
+    seeds = tuple(sorted(set(accuracy[method]) & set(accuracy[rival])))
+    if not seeds:
+        return None
+    return PairedDifference(method, rival, seeds, tuple(accuracy[method][s] - accuracy[rival][s] for s in seeds))
+
+
+def against_best(records: list[dict], method: str = PNP) -> PairedDifference | None:
+    """``method`` against the best criterion (highest mean accuracy) in ``records`` of one model, dataset and budget.
+
+    The rivals are the criteria (``Method.criterion``): not pnp's other form, nor the control, which cuts nothing.
+    """
+    by_method: dict[str, list[float]] = {}
+    for r in records:
+        if METHODS[r["method"]].criterion is not None:
+            by_method.setdefault(r["method"], []).append(r["accuracy"])
+    if not by_method:
+        return None
+    best = max(by_method, key=lambda m: statistics.fmean(by_method[m]))
+    return paired_difference(records, method, best)
+
 
 def collect_records(out: Path, profile: Profile) -> tuple[list[dict], list[dict]]:
-    """The run records under ``out`` of ``profile``'s models, methods, budgets and seeds: ``(done, not applicable)``."""
+    """The run records under ``out`` of ``profile``'s models, methods, budgets and seeds: ``(done, not applicable)``.
+
+    The control, which cuts nothing, has budget 0 and is kept whatever the budgets.
+    """
     wanted = {(e.model, e.dataset) for e in profile.entries}
     records = [
         r for r in (read_json(p) for p in sorted((out / "runs").glob("*/*.json")))
         if (r["model"], r["dataset"]) in wanted and r["method"] in profile.methods
-        and any(abs(r["budget"] - b) < 1e-9 for b in profile.budgets) and r["seed"] in profile.seeds
+        and (not METHODS[r["method"]].prunes or any(abs(r["budget"] - b) < 1e-9 for b in profile.budgets))
+        and r["seed"] in profile.seeds
     ]
     return [r for r in records if "not_applicable" not in r], [r for r in records if "not_applicable" in r]
 
 
-def summarize(records: list[dict]) -> dict[tuple, dict]:
-    """Per (model, dataset, budget, method): mean and std over seeds of accuracy, FLOPs kept and time."""
+def cells_of(records: list[dict]) -> dict[tuple, list[dict]]:
+    """The records by (model, dataset, budget, method)."""
     cells: dict[tuple, list[dict]] = {}
     for r in records:
         cells.setdefault((r["model"], r["dataset"], round(r["budget"], 6), r["method"]), []).append(r)
+    return cells
+
+
+def summarize(records: list[dict]) -> dict[tuple, dict]:
+    """Per (model, dataset, budget, method): mean and std over seeds of accuracy, FLOPs kept and time."""
     out = {}
-    for key, rs in cells.items():
+    for key, rs in cells_of(records).items():
         acc = [r["accuracy"] for r in rs]
         out[key] = {
             "n": len(rs),
             "accuracy": statistics.fmean(acc),
             "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "accuracy_pruned": statistics.fmean(r["accuracy_pruned"] for r in rs),
             "flops": statistics.fmean(r["flops"] for r in rs),
             "flops_kept": statistics.fmean(r["flops_kept"] for r in rs),
+            "select_s": statistics.fmean(r["select_s"] for r in rs),
             "wall_s": statistics.fmean(r["wall_s"] for r in rs),
             "baseline_accuracy": statistics.fmean(r["baseline_accuracy"] for r in rs),
             "baseline_flops": rs[0]["baseline_flops"],
@@ -44,52 +145,128 @@ def summarize(records: list[dict]) -> dict[tuple, dict]:
     return out
 
 
+def comparisons(records: list[dict]) -> dict[tuple, PairedDifference]:
+    """pnp against the best criterion, per (model, dataset, budget) where both have records."""
+    rows: dict[tuple, list[dict]] = {}
+    for (model, dataset, budget, method), rs in cells_of(records).items():
+        if METHODS[method].prunes:
+            rows.setdefault((model, dataset, budget), []).extend(rs)
+    out = {}
+    for row, rs in sorted(rows.items()):
+        paired = against_best(rs) if any(r["method"] == PNP for r in rs) else None
+        if paired is not None:
+            out[row] = paired
+    return out
+
+
 def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[dict], env: dict, profile_name: str) -> str:
-    """Markdown: accuracy (mean ± std over seeds, best in bold) per model and budget, then each method's time."""
+    """Markdown: accuracy (mean ± std over seeds), pnp's paired difference to the best criterion,
+    accuracy before fine-tuning, and each method's time."""
     summary = summarize(records)
-    rows = sorted({(m, d, b) for (m, d, b, _) in summary})
-    methods = [m for m in methods if any(k[3] == m for k in summary)] or list(methods)
+    present = [m for m in methods if any(k[3] == m for k in summary)] or list(methods)
+    pruning = [m for m in present if METHODS[m].prunes]
+    controls = [m for m in present if not METHODS[m].prunes]
+    rows = sorted({k[:3] for k in summary if METHODS[k[3]].prunes})
+    panels = {r[:2] for r in rows}
+    rows += sorted({k[:3] for k in summary if k[:2] not in panels})  # models with only a control
     not_applicable = {(s["model"], s["dataset"], s["method"]) for s in skipped}
+
+    def cell(model, dataset, budget, method) -> dict | None:
+        return summary.get((model, dataset, budget if METHODS[method].prunes else 0.0, method))
+
+    def missing(model, dataset, method) -> str:
+        return "n/a" if (model, dataset, method) in not_applicable else "-"
+
+    def table(header: list[str], body: list[list[str]]) -> list[str]:
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in body)]
+
+    def labels(ms) -> list[str]:
+        return [METHODS[m].label for m in ms]
+
     lines = [
         f"# Pruning methods at equal FLOPs ({profile_name} profile)",
         "",
         f"torch {env.get('torch')}, torch-pruning {env.get('torch_pruning')}, {env.get('device')}, "
         f"commit {str(env.get('commit'))[:12]}" + (" (with uncommitted changes)." if env.get("uncommitted_changes") else "."),
-        "Test accuracy (%) after the same fine-tuning, mean ± std over seeds (n = seeds); best of each row in bold.",
+        "Test accuracy (%) after the same fine-tuning, mean ± std over seeds (n = seeds); best of each row in bold."
+        + (" The control is the baseline fine-tuned by the same schedule, nothing cut." if controls else ""),
         "",
     ]
-    labels = [METHODS[m].label for m in methods]
-    header = ["model", "data", "FLOPs removed", "baseline", *labels, "FLOPs kept (measured)"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for model, dataset, budget in rows:
-        cells = {m: summary.get((model, dataset, budget, m)) for m in methods}
-        best = max((c["accuracy"] for c in cells.values() if c), default=None)
+        cells = {m: cell(model, dataset, budget, m) for m in present}
+        best = max((cells[m]["accuracy"] for m in pruning if cells[m]), default=None)
         any_cell = next(c for c in cells.values() if c)
         row = [model, dataset, f"{budget:.0%}", f"{any_cell['baseline_accuracy']:.2f}"]
-        for m in methods:
+        for m in controls + pruning:
             c = cells[m]
             if c is None:
-                row.append("n/a" if (model, dataset, m) in not_applicable else "-")
+                row.append(missing(model, dataset, m))
                 continue
             text = f"{c['accuracy']:.2f} ± {c['accuracy_std']:.2f} (n={c['n']})"
-            row.append(f"**{text}**" if c["accuracy"] == best else text)
-        kept = [c["flops_kept"] for c in cells.values() if c]
-        row.append(f"{min(kept):.1%}–{max(kept):.1%}")
-        lines.append("| " + " | ".join(row) + " |")
+            row.append(f"**{text}**" if METHODS[m].prunes and c["accuracy"] == best else text)
+        kept = [cells[m]["flops_kept"] for m in pruning if cells[m]]
+        row.append(f"{min(kept):.1%}–{max(kept):.1%}" if kept else "100%")
+        body.append(row)
+    lines += table(["model", "data", "FLOPs removed", "baseline", *labels(controls + pruning), "FLOPs kept (measured)"],
+                   body)
+
+    paired = comparisons(records)
+    if paired:
+        lines += [
+            "",
+            "pnp against the best criterion of each row (highest mean; pnp's other form and the control left out), "
+            "paired by seed: the mean of pnp − best over seeds with its 95% t-interval (mean ± t(0.975, n−1)·sd/√n), "
+            "the worst seed's difference (points), and **ahead** only when the whole interval is above 0, "
+            "**behind** when below it, level otherwise.",
+            "",
+        ]
+        body = []
+        for (model, dataset, budget), p in paired.items():
+            interval = "[{:+.2f}, {:+.2f}]".format(*p.interval) if p.interval else "(one seed)"
+            verdict = p.verdict if p.verdict in ("level", "one seed") else f"**{p.verdict}**"
+            body.append([model, dataset, f"{budget:.0%}", METHODS[p.rival].label, str(p.n), f"{p.mean:+.2f} {interval}",
+                         f"{p.worst:+.2f}", verdict])
+        lines += table(["model", "data", "FLOPs removed", "best criterion", "n", "pnp − best, mean [95% CI]",
+                        "worst seed", "verdict"], body)
+
+    lines += ["", "Test accuracy (%) before fine-tuning (the model as surgery cut it), mean over seeds; best of each "
+              "row in bold.", ""]
+    body = []
+    for model, dataset, budget in rows:
+        if budget == 0.0 and (model, dataset) not in panels:
+            continue
+        cells = {m: cell(model, dataset, budget, m) for m in pruning}
+        best = max((c["accuracy_pruned"] for c in cells.values() if c), default=None)
+        row = [model, dataset, f"{budget:.0%}"]
+        for m, c in cells.items():
+            text = f"{c['accuracy_pruned']:.2f}" if c else missing(model, dataset, m)
+            row.append(f"**{text}**" if c and c["accuracy_pruned"] == best else text)
+        body.append(row)
+    lines += table(["model", "data", "FLOPs removed", *labels(pruning)], body)
+
+    criteria = [m for m in pruning if METHODS[m].criterion is not None]
+    ratio = PNP in pruning and bool(criteria)
     lines += [
         "",
-        "Seconds each method spent, mean over seeds: choosing channels (pruner or sparsity training, "
-        "gradient passes) plus fine-tuning.",
+        "Seconds each method spent, mean over seeds: choosing channels (pruner or sparsity training, gradient passes, "
+        "look-ahead, surgery) / in all, with fine-tuning" + ("; the control only fine-tunes" if controls else "")
+        + ("; pnp's total as a multiple of the criteria's mean total." if ratio else "."),
         "",
     ]
-    header = ["model", "data", "FLOPs removed", *labels]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    body = []
     for model, dataset, budget in rows:
         row = [model, dataset, f"{budget:.0%}"]
-        for m in methods:
-            c = summary.get((model, dataset, budget, m))
-            row.append(_seconds(c["wall_s"]) if c else ("n/a" if (model, dataset, m) in not_applicable else "-"))
-        lines.append("| " + " | ".join(row) + " |")
+        for m in controls + pruning:
+            c = cell(model, dataset, budget, m)
+            row.append(f"{_seconds(c['select_s'])} / {_seconds(c['wall_s'])}" if c else missing(model, dataset, m))
+        if ratio:
+            totals = [c["wall_s"] for c in (cell(model, dataset, budget, m) for m in criteria) if c]
+            ours = cell(model, dataset, budget, PNP)
+            row.append(f"×{ours['wall_s'] / statistics.fmean(totals):.1f}" if ours and totals else "-")
+        body.append(row)
+    lines += table(["model", "data", "FLOPs removed", *labels(controls + pruning), *(["pnp ÷ criteria"] if ratio else [])],
+                   body)
     reasons = sorted({(s["model"], s["method"], s["not_applicable"]) for s in skipped})
     if reasons:
         lines += ["", "n/a: " + "; ".join(f"{m} on {model}: {why}" for model, m, why in reasons)]
@@ -133,9 +310,10 @@ def write_reports(profile: Profile, profile_name: str, out: Path, device: str) -
     """``results.json``, and with records ``table.md`` and ``accuracy_vs_flops.png``, from the run records under ``out``."""
     records, skipped = collect_records(out, profile)
     env = environment(device)
+    paired = [{"model": m, "dataset": d, "budget": b, **p.to_dict()} for (m, d, b), p in comparisons(records).items()]
     results = {
         "profile": profile_name, "settings": asdict(profile), "environment": env,
-        "records": records, "not_applicable": skipped,
+        "records": records, "not_applicable": skipped, "pnp_against_best": paired,
     }
     write_json_atomic(out / "results.json", results)
     if records:
