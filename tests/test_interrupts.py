@@ -27,11 +27,14 @@ def pipeline_command(data_root: Path, out: Path) -> list[str]:
             "finetune.epochs=3", "trainer.limit_train_batches=4", "data.batch_size=25", "data.val_size=50"]
 
 
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert path.exists(), f"{path} never appeared (exit {process.poll()})"
+def wait_for_checkpoints(path: Path, count: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Until ``path`` has been written ``count`` times (one per epoch)."""
+    deadline, seen = time.monotonic() + timeout, set()
+    while len(seen) < count and process.poll() is None and time.monotonic() < deadline:
+        if path.exists():
+            seen.add(path.stat().st_mtime_ns)
+        time.sleep(0.02)
+    assert len(seen) >= count, f"{path} was written {len(seen)} times, not {count} (exit {process.poll()})"
 
 
 @pytest.mark.parametrize(
@@ -44,8 +47,10 @@ def test_a_stopped_stage_resumes_and_the_pipeline_finishes_consistent(tmp_path, 
     command = pipeline_command(data_root, out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(out / stage / "checkpoints" / "last.ckpt", first)  # the stage's first epoch is saved
-    time.sleep(random.Random(f"{stage}-{how}").uniform(0.0, 0.5))  # then somewhere in its next epoch
+    # a random point of the stage: just after the checkpoint of a randomly chosen epoch, not its last
+    epochs = {"train": 3, "train_pruner": 6, "finetune": 3}[stage]
+    after = random.Random(f"{stage}-{how}").randint(1, epochs - 1)
+    wait_for_checkpoints(out / stage / "checkpoints" / "last.ckpt", after, first)
     first.send_signal(getattr(signal, how))
     _, err = first.communicate(timeout=120)
     if how == "SIGTERM":  # a scheduler's stop: a checkpoint, a message and 143, never a silent 0
