@@ -14,12 +14,13 @@ import json
 import os
 import pickle
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from test_pipeline import write_idx
 
 LENET = {"in_channels": 1, "num_classes": 10, "input_size": 28}
 # one short epoch on the tiny set, for the cases that reach training: what every command takes,
@@ -42,14 +43,6 @@ def arguments(case: "Case", ws: "Workspace", folder: Path) -> list[str]:
     if case.command not in QUICK_SECTIONS:
         return own
     return [*QUICK, *QUICK_SECTIONS[case.command], *own]
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    with open(path, "wb") as f:
-        f.write(struct.pack(">BBBB", 0, 0, 0x08, array.ndim))
-        f.write(struct.pack(f">{array.ndim}I", *array.shape))
-        f.write(array.tobytes())
 
 
 def write_fashion(root: Path, n_train: int = 300, n_test: int = 50, label_max: int = 9) -> Path:

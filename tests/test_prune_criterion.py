@@ -11,23 +11,9 @@ import pytest
 
 from pnp.cli.config import ConfigError
 from pnp.cli.main import run
-from pnp.core.artifacts import load_pruned, save_pruned
-from pnp.core.builders import build_model
-from test_cli import LENET, REPO, snapshot
-from test_pipeline import compose_config, write_fashion_mnist
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return write_fashion_mnist(tmp_path_factory.mktemp("data") / "fashion", n_train=300, n_test=50)
-
-
-@pytest.fixture(scope="module")
-def lenet_dir(tmp_path_factory):
-    """A saved (untrained) LeNet-5, as pnp-train leaves it in <run>/model."""
-    run_dir = tmp_path_factory.mktemp("lenet_run")
-    save_pruned(build_model("pnp:lenet5", **LENET), run_dir / "model", builder="pnp:lenet5", builder_kwargs=LENET)
-    return run_dir
+from pnp.core.artifacts import load_pruned
+from test_cli import REPO, data_root, lenet_dir, snapshot  # noqa: F401  (the fixtures are shared)
+from test_pipeline import compose_config
 
 
 def prune_overrides(data_root: Path, target: Path, out: Path, *extra: str) -> list[str]:

@@ -489,7 +489,8 @@ def check_readout(cfg: DictConfig, data: Data) -> None:
         return
     from pnp.core.builders import build_model
 
-    groups = find_groups(cfg, data, build_model(data.builder, **data.builder_kwargs))
+    # sizes and costs are all this needs: the groups are proven on the trained target later
+    groups = task_of(data).find_groups(build_model(data.builder, **data.builder_kwargs), ignore=list(cfg.model.ignore))
     read_out(cfg, groups, {g.name: torch.zeros(g.size) for g in groups})
 
 
