@@ -89,14 +89,6 @@ def test_pruned_timm_model_matches_gated_model(name, randomize_norms, gated_outp
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 
 
-def test_vit_attention_and_mlp_channels_are_left_out_with_a_reason(randomize_norms):
-    """pnp cannot follow channels through the attention's reshapes yet; it says so rather than cutting wrongly."""
-    model = build_model("timm:vit_tiny_patch16_224", in_channels=3, num_classes=10, input_size=32).eval()
-    groups = find_channel_groups(model, torch.randn(1, 3, 32, 32))
-    assert "blocks.0.attn.qkv" in groups.excluded
-    assert all(re.search(r"model's output|channel shuffle", why) for why in groups.excluded.values()), groups.excluded
-
-
 def test_pruned_timm_model_saves_and_reloads(randomize_norms, tmp_path):
     kwargs = MODELS["mobilenetv3_small_050"]
     model, groups, x = built("mobilenetv3_small_050", randomize_norms)

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from pnp.core.builders import build_model, builder_allowed
 from pnp.core.groups import run_model
+from pnp.core.attention import resize_attention
 from pnp.core.handlers import handler_for, shrink_module
 from pnp.core.surgery import ChannelSpec
 
@@ -431,6 +432,10 @@ def _shrink_to_spec(model: nn.Module, spec_modules: dict[str, dict[str, Any]], b
             shrink_module(module, kept.get("kept_out"), kept.get("kept_in"))
         except ValueError as exc:
             raise ArtifactError(f"{where}: {exc}") from exc
+    try:
+        resize_attention(model)
+    except ValueError as exc:
+        raise ArtifactError(f"{CHANNELS_FILE}: {exc}") from exc
 
 
 def _check_kept(kept: Any, width: int, where: str, builder: str) -> list[int]:

@@ -20,11 +20,14 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from pnp.core.attention import head_layout
+
 CONV = "conv"
 DEPTHWISE = "depthwise"
 LINEAR = "linear"
 NORM = "norm"
 ELEMENTWISE = "elementwise"
+ATTENTION = "attention"  # the attention core of a fused-qkv layer: scaled dot products and softmax, per head
 
 
 @dataclass
@@ -64,7 +67,7 @@ class LayerCost:
             return 0.0, self.spatial * per_channel, 0.0, (2.0 if self.affine else 0.0)
         if self.kind == DEPTHWISE:
             return 0.0, self.spatial * (self.kernel + bias), 0.0, self.kernel + bias
-        if self.kind == ELEMENTWISE:
+        if self.kind in (ELEMENTWISE, ATTENTION):
             return 0.0, self.spatial, 0.0, 0.0
         return self.spatial * self.kernel / self.groups, self.spatial * bias, self.kernel / self.groups, bias
 
@@ -81,7 +84,7 @@ class LayerCost:
 
 # Parameter-free layers that torch-pruning's counter charges one FLOP per element
 # of the output (activations, upsampling) or of the input (pooling).
-_PER_OUTPUT_ELEMENT = (nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.Upsample)
+_PER_OUTPUT_ELEMENT = (nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.Upsample)
 _PER_INPUT_ELEMENT = (
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
@@ -92,6 +95,8 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def _counted_kind(module: nn.Module) -> str | None:
+    if head_layout(module, "") is not None:
+        return ATTENTION
     if isinstance(module, nn.modules.conv._ConvNd):
         dw = module.groups > 1 and module.groups == module.in_channels == module.out_channels
         return DEPTHWISE if dw else CONV
@@ -179,8 +184,11 @@ def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[La
             spatial = sum(_numel(o) / (batch * n_out) for _, o in seen)
         elif kind == ELEMENTWISE:
             counted = in_shape if isinstance(module, _PER_INPUT_ELEMENT) else out_shape
-            n_in = n_out = counted[1] if len(counted) > 1 else 1
+            n_in = n_out = counted[_channel_dim_of_flow(flow_terms.get((name, call), []), groups, modules)] if len(counted) > 1 else 1
             spatial = _numel(counted) / (batch * n_out)
+        elif kind == ATTENTION:
+            n_in = n_out = module.num_heads
+            spatial = sum(_attention_flops_per_head(i, module.head_dim) for i, _ in seen) / batch
         else:
             n_in, n_out = module.in_channels, module.out_channels
             spatial = sum(_numel(o) / (batch * n_out) for _, o in seen)
@@ -188,7 +196,11 @@ def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[La
             grp = module.groups
         side_terms = {}
         for side, total in ((IN, n_in), (OUT, n_out)):
-            t = flow_terms.get((name, call), []) if kind == ELEMENTWISE else terms.get((name, side), [])
+            if kind == ATTENTION:
+                qkv = f"{name}.qkv" if name else "qkv"
+                t = [(qkv, torch.ones(n_out))] if qkv in sizes else []
+            else:
+                t = flow_terms.get((name, call), []) if kind == ELEMENTWISE else terms.get((name, side), [])
             side_terms[side] = ChannelCount(total - sum(float(w.sum()) for _, w in t), t)
         costs.append(
             LayerCost(
@@ -204,6 +216,30 @@ def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[La
             )
         )
     return costs
+
+
+def params_outside_layers(model: nn.Module) -> int:
+    """Parameters that no counted layer holds (a class token, position embeddings, layer scales)."""
+    return sum(
+        p.numel() for m in model.modules() if _counted_kind(m) not in (CONV, DEPTHWISE, LINEAR, NORM)
+        for p in m.parameters(recurse=False)
+    )
+
+
+def _attention_flops_per_head(in_shape, head_dim: int) -> float:
+    """One head's attention core on ``[windows x batch, tokens, channels]``: query scaling, QK^T, softmax, AV.
+
+    As torch-pruning counts timm's attention, less the projections (counted as Linear layers).
+    """
+    tokens = in_shape[1]
+    return _numel(in_shape[:-1]) * (head_dim + tokens * (2 * head_dim + 1))
+
+
+def _channel_dim_of_flow(carried, groups, modules) -> int:
+    """The channel dim of an activation's tensor: last when the channels it carries come from Linear layers (tokens)."""
+    by_name = {g.name: g for g in groups}
+    producers = [modules.get(p) for name, _ in carried if name in by_name for p in by_name[name].producers]
+    return -1 if producers and all(isinstance(p, nn.Linear) for p in producers) else 1
 
 
 def _numel(shape) -> float:
@@ -259,7 +295,8 @@ class CostModel:
         self._on: dict[tuple, dict[str, torch.Tensor]] = {}
         full = self._layer_counts(torch.ones(total, dtype=torch.float64))
         self.full_flops = float(self._layer_flops(*full).sum())
-        self.full_params = float(self._layer_params(*full).sum())
+        self.other_params = float(getattr(groups, "other_params", 0))  # tokens, embeddings, scales: never pruned
+        self.full_params = float(self._layer_params(*full).sum()) + self.other_params
 
     def _table(self, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         key = (device, dtype)
@@ -321,7 +358,7 @@ class CostModel:
         return self._layer_flops(*self._layer_counts(self._joined(self._checked(masks)))).sum(-1)
 
     def params(self, masks: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self._layer_params(*self._layer_counts(self._joined(self._checked(masks)))).sum(-1)
+        return self._layer_params(*self._layer_counts(self._joined(self._checked(masks)))).sum(-1) + self.other_params
 
     def flops_fraction(self, masks) -> torch.Tensor:
         return self.flops(masks) / self.full_flops
@@ -432,7 +469,7 @@ def _flops_counters(model: nn.Module) -> dict:
         counter = _flops_counter_of(module)
         if counter is not None:
             counters[module] = counter
-            if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and counter is not _attention_flops_hook:
                 return
         for child in module.children():
             visit(child)
@@ -445,6 +482,8 @@ def _flops_counter_of(module: nn.Module):
     """torch-pruning's counter for the class of ``module`` or its nearest counted base class."""
     from torch_pruning.utils.op_counter import MODULES_MAPPING
 
+    if head_layout(module, "") is not None:
+        return _attention_flops_hook
     for cls in type(module).__mro__:
         if cls is nn.Linear:
             return _linear_flops_hook
@@ -457,6 +496,15 @@ def _linear_flops_hook(module, args, output) -> None:
     """torch-pruning's Linear count, but with the bias added once per output element, not per call."""
     out_elements = output.numel()
     module.__flops__ += int(args[0].numel() * module.out_features + (out_elements if module.bias is not None else 0))
+
+
+def _attention_flops_hook(module, args, output) -> None:
+    """A fused-qkv attention layer's core (its qkv and proj are counted as Linear layers).
+
+    torch-pruning's counter for timm's attention counts ``proj`` as square
+    (``attn_dim x attn_dim``), which no longer holds once heads are removed.
+    """
+    module.__flops__ += int(_attention_flops_per_head(tuple(args[0].shape), module.head_dim) * module.num_heads)
 
 
 def _batch_size(inputs) -> int:

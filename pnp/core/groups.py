@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from pnp.core.attention import HeadLayout, head_layouts
 from pnp.core.handlers import make_dependency_graph
 
 OUT = "out"
@@ -54,6 +55,7 @@ class ChannelGroup:
     blocks: torch.Tensor | None = None
     flops_per_channel: float = 0.0
     params_per_channel: float = 0.0
+    unit: str = "channel"  # what one of the group's ``size`` entries is: a channel, or an attention "head"
 
     @property
     def producers(self) -> list[str]:
@@ -62,6 +64,17 @@ class ChannelGroup:
     @property
     def consumers(self) -> list[str]:
         return [m.module for m in self.members if m.side == IN]
+
+    def root_channels(self, entries: torch.Tensor) -> torch.Tensor:
+        """The root layer's output channels that carry the group's ``entries`` (a bool mask or indices).
+
+        The identity for channel groups; the query, key and value channels of each
+        head for an attention-head group.
+        """
+        entries = torch.as_tensor(entries)
+        chosen = entries if entries.dtype == torch.bool else torch.zeros(self.size, dtype=torch.bool).index_fill_(0, entries.long(), True)
+        root = next(m for m in self.members if m.module == self.name and m.side == OUT)
+        return root.indices[chosen[root.root_indices]]
 
     @property
     def num_blocks(self) -> int:
@@ -112,6 +125,7 @@ class ChannelGroups(Sequence[ChannelGroup]):
         self.excluded = dict(excluded)
         self.example_inputs = example_inputs
         self.layer_costs = layer_costs or []
+        self.other_params = 0  # parameters outside counted layers, which pruning leaves as they are
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -450,7 +464,7 @@ def find_channel_groups(
     wrong, so no group offered can give a wrong model later (one extra surgery when all
     pass; the commands prove their groups).
     """
-    from pnp.core.cost import CostModel, layer_costs
+    from pnp.core.cost import CostModel, layer_costs, params_outside_layers
 
     if isinstance(ignore, str):
         ignore = [ignore]
@@ -458,6 +472,7 @@ def find_channel_groups(
     ignored = {m for m, n in names.items() if n and any(fnmatch.fnmatchcase(n, p) for p in ignore)}
 
     graph = build_dependency_graph(model, example_inputs)
+    layouts = head_layouts(model)
     groups: list[ChannelGroup] = []
     excluded: dict[str, str] = {}
     flows: dict[tuple[str, int], list[tuple[str, torch.Tensor]]] = {}
@@ -465,6 +480,14 @@ def find_channel_groups(
     with graph.channels_unchanged():  # nothing is pruned while groups are listed
         tp_groups = list(_all_groups(graph, names, excluded))
     for root_name, tp_group in tp_groups:
+        if root_name in layouts:
+            head_group = _attention_heads(layouts[root_name], tp_group, names, ignored, min_size)
+            if isinstance(head_group, str):
+                excluded[root_name] = head_group
+            else:
+                groups.append(head_group)
+                suspect.add(root_name)  # reshapes into heads: proven below
+            continue
         reason = _leaves_model(tp_group, graph) or _through_channel_shuffle(tp_group)
         members: list[ChannelMember] = []
         block_parts = []
@@ -473,7 +496,7 @@ def find_channel_groups(
             dep, idxs = item.dep, item.idxs
             module = dep.target.module
             if not isinstance(module, nn.Module) or module not in names:
-                if _slices(dep.target):
+                if _slices(dep.target) or getattr(dep.target, "pnp_token_reshape", False):
                     suspect.add(root_name)
                 call = graph.pnp_layer_calls.get(dep.target.grad_fn)
                 if call is not None:  # an activation or pooling layer the channels pass through
@@ -517,10 +540,33 @@ def find_channel_groups(
         flows = {call: [(n, r) for n, r in carried if n not in unfollowed] for call, carried in flows.items()}
     result = ChannelGroups(groups, excluded, example_inputs)
     result.layer_costs = layer_costs(model, example_inputs, result, flows)
+    result.other_params = params_outside_layers(model)
     marginal = CostModel(result).marginal_costs()
     for g in result:
         g.flops_per_channel, g.params_per_channel = marginal[g.name]
     return result
+
+
+def _attention_heads(layout: HeadLayout, tp_group, names: dict, ignored: set, min_size: int) -> ChannelGroup | str:
+    """The whole-head group of one attention layer, or why its heads cannot be pruned."""
+    qkv_module = next(item.dep.target.module for item in tp_group if names.get(item.dep.target.module) == layout.qkv)
+    if qkv_module in ignored:
+        return f"it contains the ignored layer {layout.qkv!r}"
+    others = sorted(
+        {names[item.dep.target.module] for item in tp_group
+         if isinstance(item.dep.target.module, nn.Module) and item.dep.target.module in names}
+        - {layout.qkv, layout.proj}
+    )
+    if others:
+        return (f"the heads of attention layer {layout.layer!r} also reach {others[:3]}, which pnp does not cut "
+                "head by head (a norm across heads, a gate, per-head tables)")
+    if layout.num_heads < min_size:
+        return f"attention layer {layout.layer!r} has {layout.num_heads} head(s), fewer than min_size={min_size}"
+    members = (
+        ChannelMember(layout.qkv, OUT, torch.arange(3 * layout.num_heads * layout.head_dim), layout.qkv_heads()),
+        ChannelMember(layout.proj, IN, torch.arange(layout.num_heads * layout.head_dim), layout.proj_heads()),
+    )
+    return ChannelGroup(layout.qkv, layout.num_heads, members, unit="head")
 
 
 def _groups_surgery_cannot_follow(model: nn.Module, groups: list[ChannelGroup], example_inputs) -> dict[str, str]:

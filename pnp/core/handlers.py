@@ -74,7 +74,9 @@ class DependencyGraph(tp.DependencyGraph):
     torch-pruning maps channel indices through flattening (a reshape feeding a
     Linear layer) but not through channel shuffles (view, transpose, view). Such
     reshapes are marked ``pnp_channel_shuffle`` and treated as element-wise so the
-    graph still builds; groups that cross them are left out by the caller.
+    graph still builds; groups that cross them are left out by the caller. A reshape
+    that keeps the last dim (a Linear layer's tokens flattened and restored) is
+    marked ``pnp_token_reshape`` instead: groups through it are proven by surgery.
 
     torch-pruning rebuilds every concat/split/reshape index map before each
     ``get_pruning_group``, because pruning in between changes channel counts.
@@ -112,8 +114,12 @@ class DependencyGraph(tp.DependencyGraph):
                 h.remove()
             self._pnp_fused_calls = []
         for node in module2node.values():
-            if node.type == tp.ops.OPTYPE.RESHAPE and not _feeds_linear(node):
-                node.type = tp.ops.OPTYPE.ELEMENTWISE
+            if node.type != tp.ops.OPTYPE.RESHAPE or _feeds_linear(node):
+                continue
+            node.type = tp.ops.OPTYPE.ELEMENTWISE
+            if _keeps_channels(node.grad_fn):
+                node.pnp_token_reshape = True  # groups through it are proven (see find_channel_groups)
+            else:
                 node.pnp_channel_shuffle = True
         return module2node
 
@@ -232,6 +238,31 @@ _tp_update_index_mapping = getattr(
 )
 _update_index_mapping_unless_current.pnp_wrapped = _tp_update_index_mapping
 tp_graph.index_mapping.update_index_mapping = _update_index_mapping_unless_current
+
+
+def _keeps_channels(grad_fn) -> bool:
+    """True for a reshape that leaves the channels where they are, as far as its shapes tell.
+
+    A Linear layer's channels are its input's last dim: on tokens ``[batch, tokens,
+    channels]`` PyTorch flattens the leading dims into one around the matrix product
+    and restores them after. A feature map flattened into tokens keeps its first two
+    dims. Shapes alone cannot tell channels from positions, so groups through such
+    a reshape are proven by surgery before they are offered.
+    """
+    before = getattr(grad_fn, "_saved_self_sym_sizes", None)
+    metadata = getattr(grad_fn, "_input_metadata", None)
+    if before is None or not metadata:
+        return False
+    try:
+        before, after = [int(d) for d in before], [int(d) for d in metadata[0].shape]
+    except (TypeError, ValueError):  # symbolic sizes
+        return False
+    if len(before) < 2 or len(after) < 2:
+        return False
+    if before[-1] == after[-1] > 1 and min(len(before), len(after)) == 2:
+        return True  # leading dims flattened to one, or one split back: not a channel shuffle's [b, g, c/g, h, w]
+    # a feature map's positions merged ([batch, channels, h, w] -> [batch, channels, h * w])
+    return len(after) < len(before) and before[:2] == after[:2]
 
 
 def _feeds_linear(node, depth: int = 0) -> bool:

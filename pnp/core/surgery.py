@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from pnp.core.attention import resize_attention
 from pnp.core.groups import OUT, ChannelGroups, build_dependency_graph, first_tensor, legalize_keep, run_model
 from pnp.core.handlers import handler_for
 
@@ -113,7 +114,7 @@ def _remove_channels(model: nn.Module, groups: ChannelGroups, keep: Mapping[str,
     removals: dict[tuple, tuple] = {}  # (target node, handler) -> (dependency, channels)
     with graph.channels_unchanged():
         for g in groups:
-            dropped = (~keep[g.name]).nonzero().flatten().tolist()
+            dropped = g.root_channels(~keep[g.name]).tolist()
             if not dropped:
                 continue
             root = modules[g.name]
@@ -129,6 +130,7 @@ def _remove_channels(model: nn.Module, groups: ChannelGroups, keep: Mapping[str,
     for dep, channels in removals.values():
         merged.add_dep(dep, sorted(channels))
     merged.prune(record_history=False)
+    resize_attention(model)
 
 
 def _channel_dim(module: nn.Module) -> int:

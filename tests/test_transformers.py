@@ -1,0 +1,82 @@
+"""Transformers: every MLP hidden unit and every whole attention head is prunable, exactly; the residual stream is left out with its reason."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from pnp.core.artifacts import load_pruned, save_pruned  # noqa: E402
+from pnp.core.builders import build_model  # noqa: E402
+from pnp.core.cost import CostModel, count_flops_params  # noqa: E402
+from pnp.core.groups import find_channel_groups  # noqa: E402
+from pnp.core.surgery import apply_surgery  # noqa: E402
+from test_torchvision_models import random_keep  # noqa: E402
+
+DATA = {"in_channels": 3, "num_classes": 10, "input_size": 32}
+
+
+def vit(name: str = "vit_tiny_patch16_224", randomize_norms=None, **kwargs):
+    """An untrained two-block ViT on 32 px images (patch 8) and its example input."""
+    torch.manual_seed(0)
+    model = build_model(f"timm:{name}", **DATA, patch_size=8, depth=2, **kwargs).eval()
+    if randomize_norms is not None:
+        model = randomize_norms(model, seed=1)
+    return model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_patch16_224"])
+def test_every_mlp_unit_and_attention_head_is_prunable(name):
+    model, x = vit(name)
+    groups = find_channel_groups(model, x, prove=True)
+
+    for i, block in enumerate(model.blocks):
+        heads = groups[f"blocks.{i}.attn.qkv"]
+        assert (heads.size, heads.unit) == (block.attn.num_heads, "head")
+        assert {(m.module, m.side) for m in heads.members} == {(f"blocks.{i}.attn.qkv", "out"), (f"blocks.{i}.attn.proj", "in")}
+        mlp = groups[f"blocks.{i}.mlp.fc1"]
+        assert (mlp.size, mlp.unit) == (block.mlp.fc1.out_features, "channel")
+    # the embedding width is the residual stream, normalised by every block's LayerNorm
+    assert set(groups.excluded) == {"head", "blocks.1.mlp.fc2"}
+    assert re.search(r"LayerNorm .*normalises across channels", groups.excluded["blocks.1.mlp.fc2"])
+    assert "model's output" in groups.excluded["head"]
+
+
+def test_pruned_vit_matches_the_gated_vit_and_reloads(randomize_norms, gated_output, tmp_path):
+    model, x = vit(randomize_norms=randomize_norms)
+    groups = find_channel_groups(model, x)
+    keep = random_keep(groups, seed=3, low=0.3, high=0.7)
+    keep["blocks.0.attn.qkv"] = torch.tensor([True, False, True])  # the middle head goes
+
+    pruned = apply_surgery(model, groups, keep, x, verify=True).eval()
+
+    assert pruned.blocks[0].attn.num_heads == 2 and pruned.blocks[0].attn.qkv.out_features == 2 * 3 * 64
+    assert pruned.blocks[0].attn.proj.in_features == 2 * 64
+    with torch.no_grad():
+        actual = pruned(x)
+    expected = gated_output(model, groups, keep, x)
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4 * max(1.0, float(expected.abs().max())))
+
+    # a head costs its query, key and value rows and its columns of proj
+    cost, counted = CostModel(groups), count_flops_params(pruned, x)
+    assert float(cost.params(keep)) == pytest.approx(counted.params, rel=1e-6)
+    assert float(cost.flops(keep)) == pytest.approx(counted.flops, rel=1e-6)
+
+    save_pruned(pruned, tmp_path / "vit", builder="timm:vit_tiny_patch16_224",
+                builder_kwargs={**DATA, "patch_size": 8, "depth": 2})
+    loaded = load_pruned(tmp_path / "vit")
+    assert loaded.blocks[0].attn.num_heads == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(x), actual)
+
+
+def test_attention_whose_heads_reach_a_norm_is_left_out_with_the_layer_named():
+    """With qk_norm, each head's queries and keys pass a LayerNorm that pnp does not cut head by head."""
+    model, x = vit(qk_norm=True)
+    groups = find_channel_groups(model, x)
+    why = groups.excluded["blocks.0.attn.qkv"]
+    assert "attention layer 'blocks.0.attn'" in why and "q_norm" in why
+    assert groups["blocks.0.mlp.fc1"].size == model.blocks[0].mlp.fc1.out_features  # the MLP is still prunable
