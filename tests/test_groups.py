@@ -353,10 +353,40 @@ class _Recurrent(nn.Module):
         return self.fc(out[:, -1])
 
 
+class _GhostWithExcitation(nn.Module):
+    """GhostNet's module: a map and its depthwise copy, concatenated, under one squeeze-excitation."""
+
+    def __init__(self):
+        super().__init__()
+        self.primary, self.cheap = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.reduce, self.expand = nn.Conv2d(8, 3, 1), nn.Conv2d(3, 8, 1)
+        self.consumer, self.fc = nn.Conv2d(8, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        y = torch.cat([x1, self.cheap(x1)], 1)
+        y = y * torch.sigmoid(self.expand(torch.relu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        return self.fc(self.consumer(y).mean((2, 3)))
+
+
+class _DualPath(nn.Module):
+    """DPN's dual path: slices of two layers' outputs added and concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.body = nn.Conv2d(3, 12, 1), nn.Conv2d(3, 10, 1)
+        self.after, self.fc = nn.Conv2d(14, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x):
+        s, o = self.proj(x), self.body(x)
+        return self.fc(self.after(torch.cat([s[:, :8] + o[:, :8], s[:, 8:], o[:, 8:]], dim=1)).mean((2, 3)))
+
+
 @pytest.mark.parametrize(
     "model, left_out, why",
     [(_SlicedChannels, "conv1", "does not reproduce gating"), (_IndexedChannels, "conv1", "sliced or indexed"),
-     (_Recurrent, "conv", "LSTM 'rnn'")],
+     (_Recurrent, "conv", "LSTM 'rnn'"), (_GhostWithExcitation, "expand", "cannot be kept apart"),
+     (_DualPath, "body", "sliced or indexed")],
 )
 def test_channels_pnp_cannot_follow_are_left_out_with_the_reason_not_offered(model, left_out, why):
     model = model().eval()
@@ -374,3 +404,26 @@ def test_proving_every_group_keeps_every_exact_one(randomize_norms):
     model = randomize_norms(resnet20(in_channels=1, num_classes=10, input_size=28)).eval()
     x = torch.randn(2, 1, 28, 28)
     assert find_channel_groups(model, x, prove=True).names == find_channel_groups(model, x).names
+
+
+class _ScaledChannels(nn.Module):
+    """A per-channel scale viewed as [1, C, 1, 1] (ConvNeXt's and PoolFormer's layer scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.conv2, self.fc = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1), nn.Linear(4, 5)
+        self.gamma = nn.Parameter(torch.rand(8))
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.bn(self.conv1(x)) * self.gamma.reshape(1, -1, 1, 1)).mean((2, 3)))
+
+
+def test_a_per_channel_scale_viewed_for_broadcasting_is_followed(randomize_norms, gated_output):
+    model, x = randomize_norms(_ScaledChannels()).eval(), torch.randn(2, 3, 12, 12)
+    groups = find_channel_groups(model, x)
+    assert "conv1" in groups, groups.excluded
+    keep = {g.name: torch.arange(g.size) % 2 == 0 for g in groups}
+    pruned = apply_surgery(model, groups, keep, x, verify=True)
+    assert pruned.gamma.shape == (4,)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), gated_output(model, groups, keep, x))

@@ -80,3 +80,19 @@ def test_attention_whose_heads_reach_a_norm_is_left_out_with_the_layer_named():
     why = groups.excluded["blocks.0.attn.qkv"]
     assert "attention layer 'blocks.0.attn'" in why and "q_norm" in why
     assert groups["blocks.0.mlp.fc1"].size == model.blocks[0].mlp.fc1.out_features  # the MLP is still prunable
+
+
+@pytest.mark.parametrize("criterion", ["l1", "magnitude"])
+def test_criteria_score_whole_heads(criterion):
+    """Weight inheritance and the criteria baselines rank heads as units, one score per head."""
+    from pnp.core.criteria import channel_importance
+    from pnp.core.readout import reselect_keep
+
+    model, x = vit()
+    groups = find_channel_groups(model, x)
+    scores = channel_importance(model, groups, criterion)
+    assert scores["blocks.0.attn.qkv"].shape == (model.blocks[0].attn.num_heads,)
+    keep = {g.name: torch.arange(g.size) < max(1, g.size // 2) for g in groups}
+    chosen, _ = reselect_keep(groups, keep, scores)
+    pruned = apply_surgery(model, groups, chosen, x, verify=True)
+    assert pruned.blocks[0].attn.num_heads == 1

@@ -103,11 +103,12 @@ def channel_importance(
             for g in groups:
                 root = modules[g.name]
                 handler = graph.get_pruner_of_module(root)
-                tp_group = graph.get_pruning_group(root, handler.prune_out_channels, list(range(g.size)))
+                channels = g.root_channels(torch.ones(g.size, dtype=torch.bool))
+                tp_group = graph.get_pruning_group(root, handler.prune_out_channels, channels.tolist())
                 value = importance(tp_group)
                 if value is not None:
                     # an all-zero group normalises to NaN: it is the least important
-                    scores[g.name] = torch.nan_to_num(value.detach().float().cpu(), nan=0.0)
+                    scores[g.name] = _per_unit(g, torch.nan_to_num(value.detach().float().cpu(), nan=0.0))
     finally:
         if spec.needs_gradients:
             model.zero_grad(set_to_none=True)
@@ -118,6 +119,20 @@ def channel_importance(
             f"{type(model).__name__} ({CRITERIA[criterion].description}); pick another criterion"
         )
     return scores
+
+
+def _per_unit(group, per_channel: torch.Tensor) -> torch.Tensor:
+    """Scores of the root layer's channels as scores of the group's units: the mean over each unit's channels.
+
+    The identity for channel groups; an attention head scores the mean of its query,
+    key and value channels.
+    """
+    if len(per_channel) == group.size:
+        return per_channel
+    root = next(m for m in group.members if m.module == group.name and m.side == "out")
+    units = root.root_indices
+    total = torch.zeros(group.size).index_add_(0, units, per_channel)
+    return total / torch.bincount(units, minlength=group.size).clamp(min=1).float()
 
 
 def global_rank(groups: ChannelGroups, importance: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

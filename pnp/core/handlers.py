@@ -240,6 +240,32 @@ _update_index_mapping_unless_current.pnp_wrapped = _tp_update_index_mapping
 tp_graph.index_mapping.update_index_mapping = _update_index_mapping_unless_current
 
 
+def _update_concat_index_mapping_or_mark(graph, node) -> None:
+    """torch-pruning's concat index map; a concat whose input widths it cannot infer is marked ``pnp_unmapped``.
+
+    Its channel offsets are then unknown and the group through it would be numbered
+    wrongly; torch-pruning either raises (comparing a width with None) or leaves the
+    map out silently.
+    """
+    module = getattr(node, "module", None)
+    try:
+        _tp_update_concat_index_mapping(graph, node)
+    except TypeError:
+        node.pnp_unmapped = True
+        return
+    sizes = getattr(module, "concat_sizes", None)
+    if node.type == tp.ops.OPTYPE.CONCAT and sizes is not None and any(c is None for c in sizes):
+        node.pnp_unmapped = True
+
+
+_tp_update_concat_index_mapping = getattr(
+    tp_graph.index_mapping.update_concat_index_mapping, "pnp_wrapped",
+    tp_graph.index_mapping.update_concat_index_mapping,
+)
+_update_concat_index_mapping_or_mark.pnp_wrapped = _tp_update_concat_index_mapping
+tp_graph.index_mapping.update_concat_index_mapping = _update_concat_index_mapping_or_mark
+
+
 def _keeps_channels(grad_fn) -> bool:
     """True for a reshape that leaves the channels where they are, as far as its shapes tell.
 
@@ -257,12 +283,15 @@ def _keeps_channels(grad_fn) -> bool:
         before, after = [int(d) for d in before], [int(d) for d in metadata[0].shape]
     except (TypeError, ValueError):  # symbolic sizes
         return False
+    if [d for d in before if d != 1] == [d for d in after if d != 1] and sum(d != 1 for d in before) == 1:
+        return True  # a per-channel vector viewed for broadcasting ([c] -> [1, c, 1, 1])
     if len(before) < 2 or len(after) < 2:
         return False
     if before[-1] == after[-1] > 1 and min(len(before), len(after)) == 2:
         return True  # leading dims flattened to one, or one split back: not a channel shuffle's [b, g, c/g, h, w]
-    # a feature map's positions merged ([batch, channels, h, w] -> [batch, channels, h * w])
-    return len(after) < len(before) and before[:2] == after[:2]
+    # a feature map's positions merged ([batch, channels, h, w] -> [batch, channels, h * w]), or tokens
+    # laid back out as one ([batch, channels, h * w] -> [batch, channels, h, w])
+    return before[:2] == after[:2] and (len(after) < len(before) or (len(before), len(after)) == (3, 4))
 
 
 def _feeds_linear(node, depth: int = 0) -> bool:

@@ -96,6 +96,7 @@ def apply_surgery(
     if hasattr(pruned, "pnp_channel_spec"):
         del pruned.pnp_channel_spec
     _remove_channels(pruned, groups, keep, example_inputs)
+    _check_widths(pruned, spec)
     pruned.pnp_channel_spec = spec
     if verify:
         verify_surgery(model, pruned, groups, keep, example_inputs, atol=atol, rtol=rtol)
@@ -131,6 +132,26 @@ def _remove_channels(model: nn.Module, groups: ChannelGroups, keep: Mapping[str,
         merged.add_dep(dep, sorted(channels))
     merged.prune(record_history=False)
     resize_attention(model)
+
+
+def _check_widths(pruned: nn.Module, spec: ChannelSpec) -> None:
+    """Raise unless every cut layer has as many channels as the spec says it kept.
+
+    A layer reached from two channels of one group (a map and a depthwise copy of it,
+    concatenated) loses the channels of both when only one is dropped: the model is
+    then not the one the keep decisions describe.
+    """
+    modules = dict(pruned.named_modules())
+    for name, sides in spec.modules.items():
+        handler = handler_for(modules[name])
+        for side, kept in sides.items():
+            width = handler.get_out_channels(modules[name]) if side == "kept_out" else handler.get_in_channels(modules[name])
+            if width != len(kept):
+                raise SurgeryMismatchError(
+                    f"surgery left layer {name!r} with {width} {side[5:]}put channels, but the keep decisions keep "
+                    f"{len(kept)}: its channels are tied to more than one channel of a group, which pnp cannot "
+                    "follow (exclude the layer with ignore=[...], or prove the groups with prove=True)"
+                )
 
 
 def _channel_dim(module: nn.Module) -> int:
