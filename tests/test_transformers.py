@@ -96,3 +96,25 @@ def test_criteria_score_whole_heads(criterion):
     chosen, _ = reselect_keep(groups, keep, scores)
     pruned = apply_surgery(model, groups, chosen, x, verify=True)
     assert pruned.blocks[0].attn.num_heads == 1
+
+
+def test_pipeline_prunes_a_vit_under_a_flops_budget(tmp_path):
+    """pnp-pipeline end to end on a small ViT: heads and MLP units cut, the budget met, the model reloads."""
+    from test_pipeline import compose_config, quick_overrides, write_fashion_mnist
+
+    from pnp.cli.main import run
+
+    out = tmp_path / "run"
+    overrides = quick_overrides(write_fashion_mnist(tmp_path / "fashion"), out) + [
+        "model=timm", "model.name=vit_tiny_patch16_224", "+model.kwargs.patch_size=7", "+model.kwargs.depth=2",
+        "+model.kwargs.embed_dim=32", "+model.kwargs.num_heads=4", "train.optimizer=adam", "train.lr=0.002",
+        "readout.budget=0.5",
+    ]
+    report = run("pipeline", compose_config("pipeline", overrides), out)
+
+    assert report["after"]["flops"] <= 0.5 * report["before"]["flops"]
+    pruned = load_pruned(out / "finetune" / "model")
+    widths = [(b.attn.num_heads, b.mlp.fc1.out_features) for b in pruned.blocks]
+    assert sum(h for h, _ in widths) + sum(u for _, u in widths) < 2 * 4 + 2 * 128, widths
+    with torch.no_grad():
+        assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
