@@ -385,7 +385,7 @@ class _DualPath(nn.Module):
 @pytest.mark.parametrize(
     "model, left_out, why",
     [(_SlicedChannels, "conv1", "does not reproduce gating"), (_IndexedChannels, "conv1", "sliced or indexed"),
-     (_Recurrent, "conv", "LSTM 'rnn'"), (_GhostWithExcitation, "expand", "cannot be kept apart"),
+     (_Recurrent, "conv", "LSTM 'rnn'"),
      (_DualPath, "body", "sliced or indexed")],
 )
 def test_channels_pnp_cannot_follow_are_left_out_with_the_reason_not_offered(model, left_out, why):
@@ -425,5 +425,22 @@ def test_a_per_channel_scale_viewed_for_broadcasting_is_followed(randomize_norms
     keep = {g.name: torch.arange(g.size) % 2 == 0 for g in groups}
     pruned = apply_surgery(model, groups, keep, x, verify=True)
     assert pruned.gamma.shape == (4,)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), gated_output(model, groups, keep, x))
+
+
+def test_channels_tied_across_one_group_are_kept_or_cut_together(randomize_norms, gated_output):
+    """GhostNet: a map and its depthwise copy, concatenated under one squeeze-excitation, are one unit each."""
+    model, x = randomize_norms(_GhostWithExcitation()).eval(), torch.randn(2, 3, 12, 12)
+    groups = find_channel_groups(model, x, prove=True)
+    tied = groups["expand"]
+    assert (tied.size, tied.unit) == (4, "tied channels")
+    keep = {"expand": torch.tensor([True, False, True, False])}
+    pruned = apply_surgery(model, groups, keep, x, verify=True)
+    assert (pruned.primary.out_channels, pruned.cheap.out_channels, pruned.consumer.in_channels) == (2, 2, 4)
+    from pnp.core.cost import CostModel, count_flops_params
+
+    counted = count_flops_params(pruned, x)
+    assert (float(CostModel(groups).flops(keep)), float(CostModel(groups).params(keep))) == (counted.flops, counted.params)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), gated_output(model, groups, keep, x))

@@ -518,7 +518,14 @@ def find_channel_groups(
             if blocks is not None:
                 block_parts.append((root_indices, blocks))
         size = len(tp_group[0].idxs)
-        reason = reason or _tied_channels(graph, names, members)
+        unit = "channel"
+        units = _tied_units(graph, names, members, size) if reason is None else None
+        if units is not None:
+            if block_parts:
+                reason = "its channels are tied in pairs and split into grouped-convolution blocks at once"
+            else:
+                members, size, unit = _as_units(members, units), int(units.max()) + 1, "tied channels"
+                suspect.add(root_name)  # proven below, like every group pnp renumbers
         if reason is None and not any(m.side == IN for m in members):
             reason = "no layer consumes its channels"
         if reason is None and size < min_size:
@@ -530,9 +537,9 @@ def find_channel_groups(
         if reason is not None:
             excluded[root_name] = reason
             continue
-        groups.append(ChannelGroup(root_name, size, tuple(members), blocks))
+        groups.append(ChannelGroup(root_name, size, tuple(members), blocks, unit=unit))
         for call, root_indices in carried.items():
-            flows.setdefault(call, []).append((root_name, root_indices))
+            flows.setdefault(call, []).append((root_name, root_indices if units is None else units[root_indices]))
 
     order = {n: i for i, n in enumerate(names.values())}
     groups.sort(key=lambda g: order.get(g.name, len(order)))  # network order, for reports and plots
@@ -551,20 +558,29 @@ def find_channel_groups(
     return result
 
 
-def _tied_channels(graph, names: dict, members: list[ChannelMember]) -> str | None:
-    """Why the group's channels are not independent, or None.
+def _tied_units(graph, names: dict, members: list[ChannelMember], size: int) -> torch.Tensor | None:
+    """The unit of each of the group's channels when some are tied together, else None.
 
     A layer that ties its input channels to its outputs (a depthwise convolution, a
     norm) reads a channel of a producer in the same group. When that channel is a
     different channel of the group (GhostNet's ``cat([x, depthwise(x)])`` under one
-    squeeze-excitation), dropping one of the two cuts the producer's channel for
-    both: surgery would not make the model the keep decisions describe.
+    squeeze-excitation), the two stand or fall together: dropping one would cut the
+    producer's channel for both. Such channels become one unit of the group.
     """
     modules = {n: m for m, n in names.items()}
     produced = {}
     for m in members:
         if m.side == OUT:
             produced[m.module] = dict(zip(m.indices.tolist(), m.root_indices.tolist()))
+    parent = list(range(size))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    tied = False
     for m in members:
         module = modules.get(m.module)
         handler = graph.get_pruner_of_module(module) if module is not None else None
@@ -575,10 +591,23 @@ def _tied_channels(graph, names: dict, members: list[ChannelMember]) -> str | No
             if source is None:
                 continue
             for index, root in zip(m.indices.tolist(), m.root_indices.tolist()):
-                if index in source and source[index] != root:
-                    return (f"{m.module!r} reads channel {index} of {names[upstream]!r}, which is another channel of "
-                            "the same group: the two cannot be kept apart")
-    return None
+                if index in source and find(source[index]) != find(root):
+                    parent[find(root)] = find(source[index])
+                    tied = True
+    if not tied:
+        return None
+    _, units = torch.unique(torch.tensor([find(i) for i in range(size)]), return_inverse=True)
+    return units
+
+
+def _as_units(members: list[ChannelMember], units: torch.Tensor) -> list[ChannelMember]:
+    """``members`` with each group channel replaced by its unit, each layer channel listed once."""
+    out = []
+    for m in members:
+        pairs = sorted(set(zip(m.indices.tolist(), units[m.root_indices].tolist())))
+        indices, roots = (torch.tensor(v, dtype=torch.long) for v in zip(*pairs))
+        out.append(ChannelMember(m.module, m.side, indices, roots, m.groups))
+    return out
 
 
 def _upstream_layers(graph, module) -> list:
