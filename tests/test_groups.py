@@ -444,3 +444,29 @@ def test_channels_tied_across_one_group_are_kept_or_cut_together(randomize_norms
     assert (float(CostModel(groups).flops(keep)), float(CostModel(groups).params(keep))) == (counted.flops, counted.params)
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), gated_output(model, groups, keep, x))
+
+
+class _PartialResiduals(nn.Module):
+    """ReXNet's blocks: the input added into the first channels of a wider output, six times over."""
+
+    def __init__(self, blocks: int = 6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3)
+        self.convs = nn.ModuleList(nn.Conv2d(8 + 4 * i, 12 + 4 * i, 1) for i in range(blocks))
+        self.fc = nn.Linear(8 + 4 * blocks, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for conv in self.convs:
+            y = conv(x)
+            x = torch.cat([y[:, : x.shape[1]] + x, y[:, x.shape[1]:]], dim=1)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_search_that_keeps_growing_is_stopped_and_its_group_left_out():
+    """torch-pruning's search on a chain of partial residuals grows exponentially with depth: bounded, not hung."""
+    model, x = _PartialResiduals().eval(), torch.randn(2, 3, 8, 8)
+    groups = find_channel_groups(model, x)
+    assert any("grew past" in why for why in groups.excluded.values()), groups.excluded
+    keep = {g.name: torch.arange(g.size) % 2 == 0 for g in groups}
+    apply_surgery(model, groups, keep, x, verify=True)
