@@ -150,6 +150,10 @@ class ReadoutConfig:
     # with a budget: after the threshold is bisected, add the best-scored channels that
     # still fit, so the pruned model uses the budget it was given
     fill: bool = True
+    # with a budget: every group keeps at least this share of the keep ratio that pruning all
+    # groups alike would need for the budget, so no layer is starved by scores that rate it low
+    # (0: no floor, 1: uniform widths)
+    min_share: float = 0.75
 
 
 @dataclass
@@ -407,6 +411,7 @@ def _check_readout(cfg: DictConfig) -> None:
     _number(cfg, "readout.round_to", low=1)
     _fraction(cfg, "readout.budget")
     _choice(cfg, "readout.metric", METRICS)
+    _number(cfg, "readout.min_share", low=0, high=1)
 
 
 def _check_inherit(cfg: DictConfig) -> None:

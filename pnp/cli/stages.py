@@ -442,7 +442,8 @@ def read_out(cfg: DictConfig, groups, scores, source: tuple[str, str] = ("pruner
     r = cfg.readout
     try:
         keep, info = decide_keep(groups, scores, threshold=r.threshold, min_channels=r.min_channels,
-                                 round_to=r.round_to, budget=r.budget, metric=r.metric, fill=r.fill)
+                                 round_to=r.round_to, budget=r.budget, metric=r.metric, fill=r.fill,
+                                 min_share=r.min_share)
     except ValueError as exc:
         raise ConfigError("readout.budget", r.budget, str(exc)) from None
     return keep, info
