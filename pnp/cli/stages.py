@@ -567,6 +567,8 @@ def prune(
         return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR, trust_builder=data.builder), skipped=True)
     start = time.perf_counter()
     stage.start()
+    if info.get("floored") and is_global_zero():
+        print(_floor_line(info), flush=True)
     inherited = None
     if inherit_weights:
         learned = keep
@@ -597,6 +599,14 @@ def prune(
         })
     report["time_s"] = time.perf_counter() - start
     return StageResult(stage.finish(report), model=pruned, keep=keep)
+
+
+def _floor_line(info: dict) -> str:
+    lifted = info["floored"]
+    shown = ", ".join(f"{name} {v['by_scores']} -> {v['floor']}" for name, v in list(lifted.items())[:4])
+    more = f" and {len(lifted) - 4} more" if len(lifted) > 4 else ""
+    return (f"[pnp] {len(lifted)} group(s) kept at the width floor (readout.min_share={info['min_share']} of the uniform "
+            f"keep ratio {info['uniform_keep_ratio']:.3f}) where the scores kept fewer: {shown}{more}")
 
 
 def _inherit_line(record: dict) -> str:
