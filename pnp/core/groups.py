@@ -498,6 +498,11 @@ def find_channel_groups(
         for item in tp_group:
             dep, idxs = item.dep, item.idxs
             module = dep.target.module
+            if isinstance(module, nn.Parameter) and reason is None:
+                # a per-channel scale outside any layer: surgery cuts it, but the saved channel spec lists layers only
+                param = graph._param_to_name.get(module, "a parameter")
+                reason = (f"it reaches {param!r}, a parameter used outside any layer (a per-channel scale); pnp's "
+                          "saved channel spec cannot describe it, so the pruned model would not reload")
             if not isinstance(module, nn.Module) or module not in names:
                 if _slices(dep.target) or getattr(dep.target, "pnp_token_reshape", False):
                     suspect.add(root_name)
