@@ -152,7 +152,7 @@ def run_model(profile: Profile, arch: str, depth: int, datasets: tuple[str, str]
                 kd_cls=profile.kd_cls).for_architecture(arch)
     kd = {"kd_fpn": r.kd_fpn, "kd_cls": r.kd_cls}
     schedule = {"max_iter": profile.finetune_iters, "base_lr": profile.finetune_lr}
-    readout = {"round_to": r.round_to, "min_channels": r.min_channels}
+    readout = {"round_to": r.round_to, "min_channels": r.min_channels, "min_share": r.min_share}
     train_baseline(cfg, out)
     train_detector_pruner(cfg, out, r.pruner_iters, r.budget, lr=r.pruner_lr, sparsity_weight=r.sparsity_weight,
                           scope=r.scope)

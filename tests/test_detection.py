@@ -608,6 +608,13 @@ def test_train_net_flags_default_to_the_one_detection_recipe():
     assert (given.round_to, given.budget, given.inherit, given.pruner_iters) == (1, 0.3, "l1", DetectionRecipe().pruner_iters)
     with pytest.raises(ValueError, match="^--min-channels 0 must be at least 1"):
         cli.recipe_of(parse(["--dataset-dir", "d", "--min-channels", "0"]))
+    # the read-out's width floor: the classification default, and a flag to change it
+    from pnp.core.readout import MIN_SHARE
+
+    assert DetectionRecipe().min_share == MIN_SHARE
+    assert cli.recipe_of(parse(["--dataset-dir", "d", "--min-share", "0"])).min_share == 0.0
+    with pytest.raises(ValueError, match=r"^--min-share 2.0 is outside \[0, 1\]"):
+        cli.recipe_of(parse(["--dataset-dir", "d", "--min-share", "2"]))
 
 
 def test_an_interrupted_detection_stage_resumes_from_its_checkpoint(tmp_path, fashion_root):

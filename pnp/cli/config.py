@@ -18,6 +18,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pnp.core.readout import MIN_SHARE
+
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
 DATA_KWARGS = ("in_channels", "num_classes", "input_size")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
@@ -153,7 +155,7 @@ class ReadoutConfig:
     # with a budget: every group keeps at least this share of the keep ratio that pruning all
     # groups alike would need for the budget, so no layer is starved by scores that rate it low
     # (0: no floor, 1: uniform widths)
-    min_share: float = 0.75
+    min_share: float = MIN_SHARE
 
 
 @dataclass

@@ -42,6 +42,7 @@ def argument_parser() -> argparse.ArgumentParser:
         ("--scope", str, "detector: backbone, FPN and heads under one budget; backbone: the backbone only"),
         ("--round-to", int, "keep channel counts multiples of this"),
         ("--min-channels", int, "keep at least this many channels in every group"),
+        ("--min-share", float, "no group under this share of the uniform keep ratio at the budget (0: no floor)"),
         ("--inherit", str, "which channels fill the learned widths: the pruner's picks or a criterion's"),
         ("--pruner-iters", int, "pruner training iterations"),
         ("--pruner-lr", float, "pruner learning rate"),
@@ -59,7 +60,7 @@ def argument_parser() -> argparse.ArgumentParser:
     return p
 
 
-RECIPE_FLAGS = ("budget", "scope", "round_to", "min_channels", "inherit", "pruner_iters", "pruner_lr", "sparsity_weight",
+RECIPE_FLAGS = ("budget", "scope", "round_to", "min_channels", "min_share", "inherit", "pruner_iters", "pruner_lr", "sparsity_weight",
                 "kd_fpn", "kd_cls", "finetune_iters", "finetune_lr")
 
 

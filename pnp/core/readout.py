@@ -21,6 +21,10 @@ from pnp.core.cost import CostModel
 from pnp.core.groups import ChannelGroups, legalize_keep
 
 
+# every group keeps at least this share of the uniform keep ratio that meets the budget (see decide_keep)
+MIN_SHARE = 0.75
+
+
 class KeepScores:
     """Running mean of keep probabilities per channel, over batches and processes."""
 
@@ -146,7 +150,7 @@ def decide_keep(
     metric: str = "flops",
     iterations: int = 64,
     fill: bool = True,
-    min_share: float = 0.75,
+    min_share: float = MIN_SHARE,
 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Static keep decisions from per-channel keep scores (probabilities in [0, 1]).
 

@@ -35,6 +35,7 @@ from pnp.detection.compat import import_detectron2
 from pnp.detection.data import compose_fashion_mnist_detection, coco_split_paths, register_coco
 from pnp.detection.engine import DetectionTrainer, evaluate_detector, train_pruner
 from pnp.detection.modeling import detector_config
+from pnp.core.readout import MIN_SHARE
 from pnp.detection.pruning import decide_detector_keep, find_detector_groups, prune_detector
 from pnp.core.io import (
     KEEP_FILE, KEEP_SCORES_FILE, content_digest, load_keep_scores, save_keep_scores, save_tensors_atomic,
@@ -431,6 +432,7 @@ class DetectionRecipe:
     scope: str = "detector"  # the whole detector; "backbone" leaves the heads whole
     round_to: int = 8  # channel counts in multiples of this (CPU kernels run faster)
     min_channels: int = 1
+    min_share: float = MIN_SHARE  # no group under this share of the uniform keep ratio at the budget
     inherit: str = "learned"  # which channels fill the learned widths: the pruner's or a criterion's
     pruner_iters: int = 100
     pruner_lr: float = 1e-3
@@ -447,6 +449,9 @@ class DetectionRecipe:
         for name in ("pruner_iters", "round_to", "min_channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        if not 0.0 <= self.min_share <= 1.0:
+            raise ValueError(f"min_share {self.min_share} is outside [0, 1]: it is the share of the uniform keep "
+                             "ratio every group keeps at least (0: no floor)")
         for name in ("kd_fpn", "kd_cls", "sparsity_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} {getattr(self, name)} must be >= 0")
@@ -476,7 +481,7 @@ def run_stages(stages: Sequence[str], cfg, out: str | Path, recipe: DetectionRec
                                   scope=r.scope)
         elif stage == "prune":
             prune_baseline(cfg, out, r.budget, scope=r.scope, inherit=r.inherit, round_to=r.round_to,
-                           min_channels=r.min_channels)
+                           min_channels=r.min_channels, min_share=r.min_share)
         else:
             finetune_pruned(cfg, out, r.kd_fpn, r.kd_cls, r.finetune_iters, r.finetune_lr)
         durations[stage] = round(time.perf_counter() - start, 2)
