@@ -118,3 +118,28 @@ def test_pipeline_prunes_a_vit_under_a_flops_budget(tmp_path):
     assert sum(h for h, _ in widths) + sum(u for _, u in widths) < 2 * 4 + 2 * 128, widths
     with torch.no_grad():
         assert pruned(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_swin_heads_cut_with_their_bias_table_and_reload(randomize_norms, gated_output, tmp_path):
+    """Swin's window attention: no head_dim attribute and a relative-position bias table with a column per head."""
+    kwargs = {**DATA, "input_size": 64, "embed_dim": 32, "depths": (2, 2), "num_heads": (2, 4)}
+    torch.manual_seed(0)
+    model = randomize_norms(build_model("timm:swin_tiny_patch4_window7_224", **kwargs).eval(), seed=1)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    groups = find_channel_groups(model, x, prove=True)
+    heads = [g for g in groups if g.unit == "head"]
+    assert [g.size for g in heads] == [2, 2, 4, 4], groups.excluded
+    keep = {g.name: torch.arange(g.size) == g.size - 1 for g in heads}  # the last head of every layer
+
+    pruned = apply_surgery(model, groups, keep, x, verify=True).eval()
+
+    table = model.layers[1].blocks[1].attn.relative_position_bias_table
+    assert torch.equal(pruned.layers[1].blocks[1].attn.relative_position_bias_table, table[:, 3:])
+    with torch.no_grad():
+        actual = pruned(x)
+    expected = gated_output(model, groups, keep, x)
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4 * max(1.0, float(expected.abs().max())))
+    assert float(CostModel(groups).params(keep)) == count_flops_params(pruned, x).params
+    save_pruned(pruned, tmp_path / "swin", builder="timm:swin_tiny_patch4_window7_224", builder_kwargs=kwargs)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "swin")(x), actual)

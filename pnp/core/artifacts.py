@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from pnp.core.builders import build_model, builder_allowed
 from pnp.core.groups import run_model
-from pnp.core.attention import resize_attention
+from pnp.core.attention import head_layouts, resize_attention
 from pnp.core.handlers import handler_for, shrink_module
 from pnp.core.surgery import ChannelSpec
 
@@ -411,6 +411,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def _shrink_to_spec(model: nn.Module, spec_modules: dict[str, dict[str, Any]], builder: str) -> None:
     """Shrink every listed layer to its kept channels, layer by layer (no graph)."""
     modules = dict(model.named_modules())
+    layouts = head_layouts(model)  # read before the cut, as surgery read them
     for name, entry in spec_modules.items():
         where = f"{CHANNELS_FILE} modules[{name!r}]"
         module = modules.get(name)
@@ -433,7 +434,7 @@ def _shrink_to_spec(model: nn.Module, spec_modules: dict[str, dict[str, Any]], b
         except ValueError as exc:
             raise ArtifactError(f"{where}: {exc}") from exc
     try:
-        resize_attention(model)
+        resize_attention(model, layouts, spec_modules)
     except ValueError as exc:
         raise ArtifactError(f"{CHANNELS_FILE}: {exc}") from exc
 

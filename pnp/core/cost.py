@@ -67,7 +67,9 @@ class LayerCost:
             return 0.0, self.spatial * per_channel, 0.0, (2.0 if self.affine else 0.0)
         if self.kind == DEPTHWISE:
             return 0.0, self.spatial * (self.kernel + bias), 0.0, self.kernel + bias
-        if self.kind in (ELEMENTWISE, ATTENTION):
+        if self.kind == ATTENTION:  # kernel: the layer's own per-head parameters (Swin's bias table), per head
+            return 0.0, self.spatial, 0.0, self.kernel
+        if self.kind == ELEMENTWISE:
             return 0.0, self.spatial, 0.0, 0.0
         return self.spatial * self.kernel / self.groups, self.spatial * bias, self.kernel / self.groups, bias
 
@@ -187,8 +189,10 @@ def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[La
             n_in = n_out = counted[_channel_dim_of_flow(flow_terms.get((name, call), []), groups, modules)] if len(counted) > 1 else 1
             spatial = _numel(counted) / (batch * n_out)
         elif kind == ATTENTION:
+            layout = head_layout(module, "")
             n_in = n_out = module.num_heads
-            spatial = sum(_attention_flops_per_head(i, module.head_dim) for i, _ in seen) / batch
+            spatial = sum(_attention_flops_per_head(i, layout.head_dim) for i, _ in seen) / batch
+            kernel = sum(getattr(module, p).numel() for p in layout.per_head) / n_out
         else:
             n_in, n_out = module.in_channels, module.out_channels
             spatial = sum(_numel(o) / (batch * n_out) for _, o in seen)
@@ -220,10 +224,14 @@ def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[La
 
 def params_outside_layers(model: nn.Module) -> int:
     """Parameters that no counted layer holds (a class token, position embeddings, layer scales)."""
-    return sum(
-        p.numel() for m in model.modules() if _counted_kind(m) not in (CONV, DEPTHWISE, LINEAR, NORM)
-        for p in m.parameters(recurse=False)
-    )
+    total = 0
+    for m in model.modules():
+        kind = _counted_kind(m)
+        if kind in (CONV, DEPTHWISE, LINEAR, NORM):
+            continue
+        per_head = head_layout(m, "").per_head if kind == ATTENTION else ()
+        total += sum(p.numel() for n, p in m.named_parameters(recurse=False) if n not in per_head)
+    return total
 
 
 def _attention_flops_per_head(in_shape, head_dim: int) -> float:
@@ -504,7 +512,7 @@ def _attention_flops_hook(module, args, output) -> None:
     torch-pruning's counter for timm's attention counts ``proj`` as square
     (``attn_dim x attn_dim``), which no longer holds once heads are removed.
     """
-    module.__flops__ += int(_attention_flops_per_head(tuple(args[0].shape), module.head_dim) * module.num_heads)
+    module.__flops__ += int(_attention_flops_per_head(tuple(args[0].shape), head_layout(module, "").head_dim) * module.num_heads)
 
 
 def _batch_size(inputs) -> int:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from pnp.core.attention import resize_attention
+from pnp.core.attention import head_layouts, resize_attention
 from pnp.core.groups import OUT, ChannelGroups, build_dependency_graph, first_tensor, legalize_keep, run_model
 from pnp.core.handlers import handler_for
 
@@ -96,6 +96,7 @@ def apply_surgery(
     if hasattr(pruned, "pnp_channel_spec"):
         del pruned.pnp_channel_spec
     _remove_channels(pruned, groups, keep, example_inputs)
+    resize_attention(pruned, head_layouts(model), spec.modules)
     _check_widths(pruned, spec)
     pruned.pnp_channel_spec = spec
     if verify:
@@ -120,10 +121,14 @@ def _remove_channels(model: nn.Module, groups: ChannelGroups, keep: Mapping[str,
                 continue
             root = modules[g.name]
             pruner = graph.get_pruner_of_module(root)
+            # heads: torch-pruning would also map head channels onto per-head tables; resize_attention cuts those
+            only = {m.module for m in g.members} if g.unit == "head" else None
             for item in graph.get_pruning_group(root, pruner.prune_out_channels, dropped):
                 dep = item.dep
                 if dep.target.type != tp.ops.OPTYPE.PARAMETER and dep.target.module not in graph._module2name:
                     continue  # graph-only ops (concat, split, add): nothing to cut
+                if only is not None and graph._module2name.get(dep.target.module) not in only:
+                    continue
                 _, channels = removals.setdefault((dep.target, dep.handler), (dep, set()))
                 channels.update(int(i) for i in item.idxs)
     merged = tp.dependency.Group()
@@ -131,7 +136,6 @@ def _remove_channels(model: nn.Module, groups: ChannelGroups, keep: Mapping[str,
     for dep, channels in removals.values():
         merged.add_dep(dep, sorted(channels))
     merged.prune(record_history=False)
-    resize_attention(model)
 
 
 def _check_widths(pruned: nn.Module, spec: ChannelSpec) -> None:
