@@ -17,8 +17,8 @@ with ``qkv`` producing ``[3, num_heads, head_dim]`` channels. The layer's own
 parameters with one entry per head in their last dim (Swin's relative-position bias
 table) are cut to the kept heads as well. Groups built from it are
 proven by surgery like every group through a reshape, so a layer that only looks
-like one (extra per-head tensors, a norm across heads) is left out with a reason
-rather than cut wrongly.
+like one (a norm within heads, a gate, per-head tensors laid out otherwise) is left
+out with a reason rather than cut wrongly.
 """
 
 from __future__ import annotations

@@ -189,7 +189,7 @@ def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[La
             n_in = n_out = counted[_channel_dim_of_flow(flow_terms.get((name, call), []), groups, modules)] if len(counted) > 1 else 1
             spatial = _numel(counted) / (batch * n_out)
         elif kind == ATTENTION:
-            layout = head_layout(module, "")
+            layout = head_layout(module, name)
             n_in = n_out = module.num_heads
             spatial = sum(_attention_flops_per_head(i, layout.head_dim) for i, _ in seen) / batch
             kernel = sum(getattr(module, p).numel() for p in layout.per_head) / n_out
@@ -201,8 +201,7 @@ def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[La
         side_terms = {}
         for side, total in ((IN, n_in), (OUT, n_out)):
             if kind == ATTENTION:
-                qkv = f"{name}.qkv" if name else "qkv"
-                t = [(qkv, torch.ones(n_out))] if qkv in sizes else []
+                t = [(layout.qkv, torch.ones(n_out))] if layout.qkv in sizes else []
             else:
                 t = flow_terms.get((name, call), []) if kind == ELEMENTWISE else terms.get((name, side), [])
             side_terms[side] = ChannelCount(total - sum(float(w.sum()) for _, w in t), t)

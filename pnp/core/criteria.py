@@ -129,8 +129,7 @@ def _per_unit(group, per_channel: torch.Tensor) -> torch.Tensor:
     """
     if len(per_channel) == group.size:
         return per_channel
-    root = next(m for m in group.members if m.module == group.name and m.side == "out")
-    units = root.root_indices
+    units = group.root.root_indices
     total = torch.zeros(group.size).index_add_(0, units, per_channel)
     return total / torch.bincount(units, minlength=group.size).clamp(min=1).float()
 

@@ -65,6 +65,11 @@ class ChannelGroup:
     def consumers(self) -> list[str]:
         return [m.module for m in self.members if m.side == IN]
 
+    @property
+    def root(self) -> ChannelMember:
+        """The root layer's output side: ``root_indices`` says which group entry each of its channels carries."""
+        return next(m for m in self.members if m.module == self.name and m.side == OUT)
+
     def root_channels(self, entries: torch.Tensor) -> torch.Tensor:
         """The root layer's output channels that carry the group's ``entries`` (a bool mask or indices).
 
@@ -73,8 +78,7 @@ class ChannelGroup:
         """
         entries = torch.as_tensor(entries)
         chosen = entries if entries.dtype == torch.bool else torch.zeros(self.size, dtype=torch.bool).index_fill_(0, entries.long(), True)
-        root = next(m for m in self.members if m.module == self.name and m.side == OUT)
-        return root.indices[chosen[root.root_indices]]
+        return self.root.indices[chosen[self.root.root_indices]]
 
     @property
     def num_blocks(self) -> int:
@@ -642,7 +646,7 @@ def _attention_heads(layout: HeadLayout, tp_group, names: dict, ignored: set, mi
     )
     if others:
         return (f"the heads of attention layer {layout.layer!r} also reach {others[:3]}, which pnp does not cut "
-                "head by head (a norm across heads, a gate, per-head tables)")
+                "head by head (a norm within heads, a gate)")
     if layout.num_heads < min_size:
         return f"attention layer {layout.layer!r} has {layout.num_heads} head(s), fewer than min_size={min_size}"
     members = (

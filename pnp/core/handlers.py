@@ -103,8 +103,8 @@ class DependencyGraph(tp.DependencyGraph):
     Linear layer) but not through channel shuffles (view, transpose, view). Such
     reshapes are marked ``pnp_channel_shuffle`` and treated as element-wise so the
     graph still builds; groups that cross them are left out by the caller. A reshape
-    that keeps the last dim (a Linear layer's tokens flattened and restored) is
-    marked ``pnp_token_reshape`` instead: groups through it are proven by surgery.
+    that keeps the channels in place (see :func:`_keeps_channels`) is marked
+    ``pnp_token_reshape`` instead: groups through it are proven by surgery.
 
     torch-pruning rebuilds every concat/split/reshape index map before each
     ``get_pruning_group``, because pruning in between changes channel counts.
