@@ -110,3 +110,72 @@ def test_model_handed_over_in_eval_mode_trains_its_batchnorm_statistics():
     trainer(max_epochs=1).fit(module, synthetic_loader())
     assert model[1].num_batches_tracked.item() == 8  # every training batch updated the running statistics
     assert not teacher.training
+
+
+def test_channels_last_trains_the_same_weights_and_hands_back_the_usual_layout():
+    """Training in channels-last layout sees channels-last weights and batches, and changes only the speed."""
+    seen = {}
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            seen.setdefault("batch", x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return x
+
+    def fit(channels_last):
+        pl.seed_everything(0)
+        torch.manual_seed(0)
+        model = nn.Sequential(Spy(), nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+        g = torch.Generator().manual_seed(0)
+        loader = DataLoader(TensorDataset(torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g)),
+                            batch_size=16)
+        module = ClassifierModule(model, lr=0.05, epochs=2, channels_last=channels_last)
+        trainer(max_epochs=2).fit(module, loader)
+        return model
+
+    plain = fit(False)
+    assert seen.pop("batch") is False
+    fast = fit(True)
+    assert seen.pop("batch") is True  # the batch reached the model channels-last
+    conv = fast[1].weight
+    assert conv.is_contiguous()  # back to the usual layout once training ends
+    for a, b in zip(plain.state_dict().values(), fast.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_precomputed_teacher_outputs_train_as_the_live_teacher_does(tmp_path):
+    """Distilling from logits computed once gives the model a live teacher gives, without running the teacher."""
+    from tests.test_data import make_fashion_mnist, no_system_fashion_mnist  # noqa: F401
+    from pnp.training.classifier import fixed_teacher_outputs
+    from pnp.training.data import build_datamodule
+
+    make_fashion_mnist(tmp_path / "fm", gz=True, n_train=96)
+    dm = build_datamodule("fashion_mnist", root=tmp_path / "fm", val_size=16, batch_size=16)
+    torch.manual_seed(1)
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 5, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+
+    def fit(cached):
+        pl.seed_everything(0)
+        model = small_net_for(28)
+        module = ClassifierModule(model, lr=0.05, epochs=2, teacher=teacher, kd_weight=1.0, channels_last=False)
+        outputs = fixed_teacher_outputs(teacher, dm) if cached else None
+        calls.clear()
+        if cached:
+            with dm.train_outputs(outputs):
+                trainer(max_epochs=2).fit(module, datamodule=dm)
+        else:
+            trainer(max_epochs=2).fit(module, datamodule=dm)
+        return model, len(calls)
+
+    live, live_calls = fit(False)
+    cached, cached_calls = fit(True)
+    assert live_calls == 2 * 5 and cached_calls == 0  # 80 images, batches of 16, two epochs
+    for a, b in zip(live.state_dict().values(), cached.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def small_net_for(side):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * ((side - 3) // 2 + 1) ** 2, 10))

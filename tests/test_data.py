@@ -113,6 +113,27 @@ def test_calibration_loader_is_fixed_train_data_without_augmentation(tmp_path):
         dm.calibration_dataloader(31)
 
 
+def test_training_batches_carry_each_images_own_precomputed_output(tmp_path):
+    """Outputs computed once in the calibration order reach training batches beside their own images, shuffled."""
+    make_fashion_mnist(tmp_path / "fm", gz=True)
+    dm = build_datamodule("fashion_mnist", root=tmp_path / "fm", val_size=10, batch_size=8)
+    n = len(dm.train_indices)
+    outputs = torch.cat([x.sum(dim=(1, 2, 3)) for x, _ in dm.calibration_dataloader(n)])[:, None]
+    with dm.train_outputs(outputs):
+        batches = list(dm.train_dataloader())
+    assert sum(len(b[0]) for b in batches) == n
+    for x, _, out in batches:
+        torch.testing.assert_close(out[:, 0], x.sum(dim=(1, 2, 3)))
+    assert len(next(iter(dm.train_dataloader()))) == 2  # only within the block
+    with pytest.raises(ValueError, match="one per image"):
+        with dm.train_outputs(outputs[:-1]):
+            pass
+    augmented = build_datamodule("fashion_mnist", root=tmp_path / "fm", val_size=10, batch_size=8, augment=True)
+    with pytest.raises(ValueError, match="data.augment=true"):
+        with augmented.train_outputs(outputs):
+            pass
+
+
 def test_missing_fashion_mnist_lists_every_place_looked(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -157,7 +157,7 @@ def sparsity_trained(cfg: DictConfig, data: stages.Data, baseline: nn.Module, st
     pruner = tp.pruner.BNScalePruner(model, data.example_inputs, importance=tp.importance.BNScaleImportance(),
                                      reg=float(cfg.slim.reg))
     recipe = OmegaConf.merge(cfg.train, {"epochs": cfg.slim.epochs, "lr": cfg.slim.lr, "weight_decay": 0.0})
-    module = stages._classifier(recipe, model)
+    module = stages._classifier(cfg, recipe, model)
     trainer = stages.make_trainer(cfg, stage, cfg.slim.epochs, monitor=None)
     trainer.callbacks.append(BNSparsity(pruner))
     stages.fit(trainer, module, data, stage, resume=state == "resume")

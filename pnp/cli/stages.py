@@ -10,6 +10,7 @@ distributed run walks through the same Trainer calls.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -186,6 +187,7 @@ _EXPECTED_WARNINGS = (
     r"Checkpoint directory .* exists and is not empty",  # a resumed stage
     r"The number of training batches .* is smaller than the logging interval",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own, under torch >= 2.9
+    r"You have overridden `on_after_batch_transfer` in `LightningModule`",  # channels-last batches (pnp.training.layout)
 )
 
 
@@ -295,7 +297,8 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def _classifier(cfg_section, model: nn.Module, teacher: nn.Module | None = None):
+def _classifier(cfg: DictConfig, cfg_section, model: nn.Module, teacher: nn.Module | None = None):
+    """The Lightning module that trains ``model`` by ``cfg_section`` (``cfg.train``, ``cfg.finetune``, ...)."""
     from pnp.training.classifier import ClassifierModule
 
     return ClassifierModule(
@@ -310,6 +313,7 @@ def _classifier(cfg_section, model: nn.Module, teacher: nn.Module | None = None)
         teacher=teacher,
         kd_weight=cfg_section.kd_weight if teacher is not None else 0.0,
         kd_temperature=cfg_section.kd_temperature,
+        channels_last=cfg.trainer.channels_last,
     )
 
 
@@ -332,7 +336,7 @@ def train(cfg: DictConfig, data: Data, stage: StageDir, state: str) -> StageResu
     stage.start()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model = build_model(data.builder, **data.builder_kwargs)
-    module = _classifier(cfg.train, model)
+    module = _classifier(cfg, cfg.train, model)
     trainer = make_trainer(cfg, stage, cfg.train.epochs, _monitor(data))
     fit(trainer, module, data, stage, resume=state == "resume")
     model = module.model.to("cpu").eval()
@@ -384,7 +388,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
         sparsity_weight=pruner_sparsity_weight(p), budget=p.budget, budget_metric=p.budget_metric,
         budget_weight=p.budget_weight, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
         temperature=p.temperature, init_keep=p.init_keep, noise=p.noise, mask_mode=p.mask_mode,
-        head_layer=p.head_layer,
+        head_layer=p.head_layer, channels_last=cfg.trainer.channels_last,
     )
     trainer = make_trainer(cfg, stage, p.epochs, monitor=None)
     fit(trainer, module, data, stage, resume=state == "resume")
@@ -651,19 +655,25 @@ def finetune(
         return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR, trust_builder=data.builder), skipped=True)
     import pytorch_lightning as pl
 
+    from pnp.training.classifier import fixed_teacher_outputs
+
     start = time.perf_counter()
     stage.start()
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     spec = getattr(pruned, "pnp_channel_spec", None)
-    module = _classifier(cfg.finetune, pruned, teacher=teacher if cfg.finetune.kd_weight > 0 else None)
+    module = _classifier(cfg, cfg.finetune, pruned, teacher=teacher if cfg.finetune.kd_weight > 0 else None)
     trainer = make_trainer(cfg, stage, cfg.finetune.epochs, _monitor(data))
-    fit(trainer, module, data, stage, resume=state == "resume")
+    # without augmentation the frozen teacher's logits are the same every epoch: computed once
+    outputs = fixed_teacher_outputs(module.teacher, data.module) if module.uses_teacher else None
+    with data.module.train_outputs(outputs) if outputs is not None else contextlib.nullcontext():
+        fit(trainer, module, data, stage, resume=state == "resume")
     model = module.model.to("cpu").eval()
     if spec is not None:
         model.pnp_channel_spec = spec
     save_model(model, stage, data, made_by="pnp-finetune")
     summary = summarize(model, data, cfg)
-    report = {"model": summary, "time_s": time.perf_counter() - start, "epochs": cfg.finetune.epochs}
+    report = {"model": summary, "time_s": time.perf_counter() - start, "epochs": cfg.finetune.epochs,
+              "teacher_outputs": "computed once" if outputs is not None else ("every step" if module.uses_teacher else None)}
     if before is not None:
         report["before"] = before
     return StageResult(stage.finish(report), model=model)

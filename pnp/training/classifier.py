@@ -10,9 +10,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pnp.core.losses import kd_loss
+from pnp.training.layout import CHANNELS_LAST, ChannelsLastModule
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "step", "constant")
+# a frozen teacher's outputs on the training split are computed once when they take at most this
+TEACHER_OUTPUTS_MAX_BYTES = 256 << 20
 
 
 def log_step_and_epoch(module: pl.LightningModule, name: str, value: torch.Tensor, prog_bar: bool = False) -> None:
@@ -25,13 +28,15 @@ def log_step_and_epoch(module: pl.LightningModule, name: str, value: torch.Tenso
     module.log(f"{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True)
 
 
-class ClassifierModule(pl.LightningModule):
+class ClassifierModule(ChannelsLastModule):
     """Cross-entropy training of ``model``, optionally distilled from a frozen ``teacher``.
 
     The loss is ``cross_entropy + kd_weight * kd_loss(student, teacher, kd_temperature)``;
-    the teacher is only run when ``kd_weight > 0``. The learning rate follows
+    the teacher is only run when ``kd_weight > 0``, and not at all when a batch
+    carries its outputs as a third item (see :func:`fixed_teacher_outputs`). The learning rate follows
     ``schedule`` per step over ``epochs`` epochs: ``"cosine"`` decays to zero,
     ``"step"`` divides by 10 at 50% and 75%, ``"constant"`` keeps it.
+    ``channels_last`` trains in that memory format (:class:`ChannelsLastModule`).
     """
 
     def __init__(
@@ -47,8 +52,9 @@ class ClassifierModule(pl.LightningModule):
         teacher: nn.Module | None = None,
         kd_weight: float = 0.0,
         kd_temperature: float = 4.0,
+        channels_last: bool = CHANNELS_LAST,
     ):
-        super().__init__()
+        super().__init__(channels_last)
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer {optimizer!r} is not one of {OPTIMIZERS}")
         if schedule not in SCHEDULES:
@@ -67,7 +73,7 @@ class ClassifierModule(pl.LightningModule):
             raise ValueError(f"kd_weight {kd_weight} > 0 needs a teacher model; pass teacher=... or set kd_weight=0")
         if float(kd_temperature) <= 0:
             raise ValueError(f"kd_temperature {kd_temperature} must be > 0")
-        self.save_hyperparameters(ignore=["model", "teacher"])
+        self.save_hyperparameters(ignore=["model", "teacher", "channels_last"])
         self.model = model
         self.teacher = teacher
         if teacher is not None:
@@ -98,8 +104,11 @@ class ClassifierModule(pl.LightningModule):
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.log("train/ce_loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         if self.uses_teacher:
-            with torch.no_grad():
-                teacher_logits = self.teacher(x)
+            if len(batch) > 2:
+                teacher_logits = batch[2]
+            else:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x)
             kd = kd_loss(logits, teacher_logits, self.hparams.kd_temperature)
             log_step_and_epoch(self, "train/kd_loss", kd)
             loss = loss + self.hparams.kd_weight * kd
@@ -145,6 +154,28 @@ class ClassifierModule(pl.LightningModule):
         if trainer.max_epochs is not None and trainer.max_epochs > 0 and math.isfinite(steps):
             steps = steps / trainer.max_epochs * self.hparams.epochs
         return max(1, int(round(steps)) if math.isfinite(steps) else self.hparams.epochs)
+
+
+def fixed_teacher_outputs(teacher: nn.Module, datamodule) -> torch.Tensor | None:
+    """A frozen teacher's outputs on every image of ``datamodule``'s training split, in its fixed order.
+
+    Without augmentation an image is the same at every epoch and so is what the
+    frozen teacher (in eval mode) says about it: one pass replaces a teacher
+    forward at every training step. None when the data is augmented, or when
+    the outputs would take more than ``TEACHER_OUTPUTS_MAX_BYTES``.
+    """
+    count = len(datamodule.train_indices)
+    if datamodule.augments or count * datamodule.num_classes * 4 > TEACHER_OUTPUTS_MAX_BYTES:
+        return None
+    was_training = teacher.training
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    outputs = []
+    with torch.no_grad():
+        for batch in datamodule.calibration_dataloader(count, batch_size=max(256, datamodule.batch_size)):
+            outputs.append(teacher(batch[0].to(device)).float().cpu())
+    teacher.train(was_training)
+    return torch.cat(outputs)
 
 
 def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,10 @@ import hashlib
 import math
 import pickle
 import struct
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -165,6 +166,30 @@ class TensorImageDataset(Dataset):
         return list(zip(x.unbind(0), self.labels[idx].unbind(0)))
 
 
+class WithOutputs(Dataset):
+    """A dataset's ``(image, label)`` items with one precomputed output per item appended: ``(image, label, output)``."""
+
+    def __init__(self, dataset: Dataset, outputs: torch.Tensor):
+        if len(outputs) != len(dataset):
+            raise ValueError(f"{len(outputs)} outputs for a dataset of {len(dataset)} items; give one per item")
+        self.dataset = dataset
+        self.outputs = outputs
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index][:2]
+        return image, label, self.outputs[index]
+
+    def __getitems__(self, indices: list[int]):
+        if hasattr(self.dataset, "__getitems__"):
+            items = self.dataset.__getitems__(indices)
+        else:
+            items = [self.dataset[i] for i in indices]
+        return [(item[0], item[1], self.outputs[i]) for item, i in zip(items, indices)]
+
+
 # --------------------------------------------------------------------------- the data module
 
 
@@ -217,6 +242,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.val_indices = order[:val_size]
         self.train_indices = sorted(order[val_size:])
         self.train_dataset = Subset(train_augmented if train_augmented is not None else train, self.train_indices)
+        self.augments = train_augmented is not None
+        self._train_outputs: torch.Tensor | None = None
         self.val_dataset = Subset(train, self.val_indices)
         self.test_dataset = test
         self._train_plain = train
@@ -236,7 +263,29 @@ class ClassificationDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self._train_outputs is not None:
+            return self._loader(WithOutputs(self.train_dataset, self._train_outputs), shuffle=True)
         return self._loader(self.train_dataset, shuffle=True)
+
+    @contextmanager
+    def train_outputs(self, outputs: torch.Tensor) -> Iterator[None]:
+        """Within the block, training batches carry a third item: ``outputs`` of their images.
+
+        ``outputs[i]`` belongs to the i-th image of the training split in the order
+        :meth:`calibration_dataloader` gives it (a frozen teacher's logits, computed
+        once instead of at every step). Only data read without augmentation can
+        have fixed outputs.
+        """
+        if self.augments:
+            raise ValueError(f"{self.name} is read with augmentation (data.augment=true): its images change every epoch, "
+                             "so outputs computed once do not belong to them")
+        if len(outputs) != len(self.train_indices):
+            raise ValueError(f"{len(outputs)} outputs for {len(self.train_indices)} training images; give one per image")
+        self._train_outputs = outputs
+        try:
+            yield
+        finally:
+            self._train_outputs = None
 
     def val_dataloader(self):
         return self._loader(self.val_dataset) if self.val_size else []

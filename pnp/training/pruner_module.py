@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 
@@ -13,13 +12,14 @@ from pnp.core.pruner import PrunerNetwork
 from pnp.core.readout import KeepScores
 from pnp.core.task import ClassificationTask, PruningTask, pruner_terms
 from pnp.training.classifier import log_step_and_epoch
+from pnp.training.layout import CHANNELS_LAST, ChannelsLastModule
 
 # the objective's terms and the names they are logged under
 _LOGGED = {"loss": "loss", "task": "task_loss", "sparsity": "sparsity_loss", "flops_kept": "flops_kept",
            "budget": "budget_loss", "kd": "kd_loss"}
 
 
-class PrunerModule(pl.LightningModule):
+class PrunerModule(ChannelsLastModule):
     """Learns keep decisions: task loss through the gated, frozen target plus sparsity.
 
     ``trainer.fit`` trains the pruner; ``trainer.test(module, calibration_loader)``
@@ -48,15 +48,16 @@ class PrunerModule(pl.LightningModule):
         mask_mode: str = "sample",
         head_layer: str | None = None,
         task: PruningTask | None = None,
+        channels_last: bool = CHANNELS_LAST,
     ):
-        super().__init__()
+        super().__init__(channels_last)
         if lr <= 0:
             raise ValueError(f"lr {lr} must be > 0")
         if trunk_lr is not None and trunk_lr < 0:
             raise ValueError(f"trunk_lr {trunk_lr} must be >= 0")
         if int(epochs) < 1:
             raise ValueError(f"epochs {epochs} must be >= 1")
-        self.save_hyperparameters(ignore=["target", "groups", "task"])
+        self.save_hyperparameters(ignore=["target", "groups", "task", "channels_last"])
         self.groups = groups
         self.task = task or ClassificationTask(groups.example_inputs)
         self.pruner = PrunerNetwork(
