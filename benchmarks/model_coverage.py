@@ -105,6 +105,7 @@ DATA = {"in_channels": 3, "num_classes": 10}
 # why a group was left out, by the first pattern its reason matches
 REASONS = [
     ("output", r"model's output"),
+    ("weight standardisation", r"weight standardisation"),
     ("norm across channels", r"normalises across channels"),
     ("channel shuffle", r"channel shuffle"),
     ("removal != gating", r"does not reproduce gating"),

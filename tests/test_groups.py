@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from pnp.core.groups import IN, OUT, UntraceableModelError, find_channel_groups, legalize_keep
+from pnp.core.artifacts import ArtifactError, load_pruned, save_pruned
+from pnp.core.builders import register_builder
+from pnp.core.groups import IN, OUT, UntraceableModelError, find_channel_groups, keep_from_ratio, legalize_keep
 from pnp.core.surgery import apply_surgery
 
 
@@ -450,3 +456,195 @@ def test_a_search_that_keeps_growing_is_stopped_and_its_group_left_out():
     assert any("grew past" in why for why in groups.excluded.values()), groups.excluded
     keep = {g.name: torch.arange(g.size) % 2 == 0 for g in groups}
     apply_surgery(model, groups, keep, x, verify=True)
+
+
+# ---------------------------------------------------------------- sizes a module holds, ties, weight standardisation
+
+
+class _MixedConv(nn.Module):
+    """timm's ``MixedConv2d``: the input split into sections of fixed sizes, one convolution per section."""
+
+    def __init__(self, cin: int, cout: int, kernels: list[int], depthwise: bool = False):
+        super().__init__()
+        n = len(kernels)
+        ins, outs = [cin // n] * n, [cout // n] * n
+        ins[0], outs[0] = ins[0] + cin - sum(ins), outs[0] + cout - sum(outs)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(i, i if depthwise else o, k, padding=k // 2, groups=i if depthwise else 1)
+            for i, o, k in zip(ins, outs, kernels)
+        )
+        self.splits = ins
+
+    def forward(self, x):
+        return torch.cat([conv(part) for conv, part in zip(self.convs, torch.split(x, self.splits, 1))], 1)
+
+
+class _MixedNet(nn.Module):
+    """MixNet's layers: a stem split between two kernels, a depthwise layer split among three."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.mix = _MixedConv(12, 10, [1, 3])
+        self.bn = nn.BatchNorm2d(10)
+        self.dw = _MixedConv(10, 10, [3, 5, 7], depthwise=True)
+        self.project, self.fc = nn.Conv2d(10, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.dw(torch.relu(self.bn(self.mix(self.stem(x)))))
+        return self.fc(self.project(x).mean((2, 3)))
+
+
+class _GhostModule(nn.Module):
+    """GhostNet's module: a map and its depthwise copy concatenated, the first ``out_chs`` kept (odd: one cut off)."""
+
+    def __init__(self, cin: int, out_chs: int):
+        super().__init__()
+        init = (out_chs + 1) // 2
+        self.out_chs = out_chs
+        self.primary = nn.Sequential(nn.Conv2d(cin, init, 1), nn.BatchNorm2d(init), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(init, init, 3, padding=1, groups=init), nn.BatchNorm2d(init), nn.ReLU())
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return torch.cat([x1, self.cheap(x1)], 1)[:, :self.out_chs]
+
+
+class _GhostNet(nn.Module):
+    """Two ghost modules with a depthwise convolution between them, as in GhostNet's strided bottleneck."""
+
+    def __init__(self):
+        super().__init__()
+        self.ghost1, self.dw, self.bn = _GhostModule(3, 7), nn.Conv2d(7, 7, 3, padding=1, groups=7), nn.BatchNorm2d(7)
+        self.ghost2, self.consumer, self.fc = _GhostModule(7, 9), nn.Conv2d(9, 6, 1), nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.fc(self.consumer(self.ghost2(self.bn(self.dw(self.ghost1(x))))).mean((2, 3)))
+
+
+register_builder("test-groups-mixed-split")(_MixedNet)
+register_builder("test-groups-ghost-slice")(_GhostNet)
+register_builder("test-groups-ghost-excitation")(_GhostWithExcitation)
+
+
+def cut_save_reload(model, groups, keep, x, builder: str, directory):
+    """The model cut to ``keep`` (proven against the gated model) and that model saved and reloaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legalize_keep's notes
+        pruned = apply_surgery(model, groups, keep, x, verify=True, atol=1e-6, rtol=1e-5).eval()
+    save_pruned(pruned, directory, builder=builder)
+    loaded = load_pruned(directory)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    return pruned, loaded
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fixed_split_sections_shrink_with_their_kept_channels_at_surgery_and_reload(randomize_norms, tmp_path, seed):
+    model, x = build(_MixedNet, randomize_norms), torch.randn(2, 3, 12, 12)
+    groups = find_channel_groups(model, x, prove=True)
+    assert {"stem.0", "dw.convs.0"} <= set(groups.names), groups.excluded
+    held = [(s.attribute.module, s.attribute.attr, s.attribute.value) for s in groups["stem.0"].sections]
+    assert held == [("mix", "splits", (6, 6))]
+    keep = keep_from_ratio(groups, 0.5, generator=torch.Generator().manual_seed(seed))
+    pruned, loaded = cut_save_reload(model, groups, keep, x, "pnp:test-groups-mixed-split", tmp_path / "mixed")
+    for net in (pruned, loaded):
+        for mixed in (net.mix, net.dw):  # each section as wide as the convolution that reads it
+            assert mixed.splits == [conv.in_channels for conv in mixed.convs]
+        assert sum(net.mix.splits) == net.stem[0].out_channels < 12 and sum(net.dw.splits) == net.bn.num_features < 10
+
+
+def test_reloading_split_sizes_that_do_not_fit_the_model_names_the_attribute(randomize_norms, tmp_path):
+    model, x = build(_MixedNet, randomize_norms), torch.randn(2, 3, 12, 12)
+    groups = find_channel_groups(model, x)
+    keep = keep_from_ratio(groups, 0.5, generator=torch.Generator().manual_seed(0))
+    cut_save_reload(model, groups, keep, x, "pnp:test-groups-mixed-split", tmp_path / "mixed")
+    path = tmp_path / "mixed" / "channels.json"
+    channels = json.loads(path.read_text())
+    assert set(channels["section_sizes"]) == {"mix", "dw"}
+    channels["section_sizes"]["mix"]["splits"] = [1, 2, 3]  # three sections where the model has two
+    path.write_text(json.dumps(channels))
+    with pytest.raises(ArtifactError, match=r"mix\.splits to \[1, 2, 3\].*holds \[6, 6\]"):
+        load_pruned(tmp_path / "mixed")
+
+
+def test_a_split_section_dropped_whole_keeps_one_channel_of_its_layer(randomize_norms):
+    model, x = build(_MixedNet, randomize_norms), torch.randn(2, 3, 12, 12)
+    groups = find_channel_groups(model, x)
+    keep = {"stem.0": torch.arange(12) >= 6}  # every channel of mix.convs.0's section dropped
+    with pytest.raises(ValueError, match="drop every input channel of layer 'mix.convs.0'"):
+        apply_surgery(model, groups, keep, x, legalize=False)
+    legal, adjusted = legalize_keep(groups, keep)
+    assert int(legal["stem.0"][:6].sum()) == 1 and "mix.convs.0" in adjusted["stem.0"]
+    with pytest.warns(UserWarning, match="mix.convs.0"):
+        pruned = apply_surgery(model, groups, keep, x, verify=True)
+    assert pruned.mix.splits == [1, 6]
+
+
+class _TwoHolders(_MixedNet):
+    def __init__(self):
+        super().__init__()
+        self.mix.sizes = [6, 6]  # the split sizes twice: which one forward reads cannot be told
+
+
+def test_split_sizes_held_by_two_attributes_leave_the_group_out_naming_them():
+    model, x = _TwoHolders().eval(), torch.randn(2, 3, 12, 12)
+    groups = find_channel_groups(model, x)
+    assert "held by several attributes (splits, sizes)" in groups.excluded["stem.0"]
+    assert "dw.convs.0" in groups
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_channels_sliced_off_a_concatenation_are_prunable_and_the_bound_follows(randomize_norms, tmp_path, seed):
+    model, x = build(_GhostNet, randomize_norms), torch.randn(2, 3, 12, 12)
+    groups = find_channel_groups(model, x, prove=True)
+    assert {"dw", "ghost2.cheap.0"} <= set(groups.names), groups.excluded
+    # ghost1's 4 map channels, each tied by dw to its copy (the last copy cut off by [:, :7])
+    assert (groups["dw"].size, groups["dw"].unit) == (4, "tied channels")
+    assert [s.attribute.attr for s in groups["dw"].sections] == ["out_chs"]
+    keep = keep_from_ratio(groups, 0.5, generator=torch.Generator().manual_seed(seed))
+    pruned, loaded = cut_save_reload(model, groups, keep, x, "pnp:test-groups-ghost-slice", tmp_path / "ghost")
+    for net in (pruned, loaded):
+        assert net.ghost1.out_chs == net.dw.in_channels < 7
+        assert net.ghost2.out_chs == net.consumer.in_channels < 9
+
+
+def test_a_map_and_its_depthwise_copy_under_one_excitation_are_cut_as_one_unit(randomize_norms, tmp_path):
+    """GhostNet's cat([x, depthwise(x)]) under a squeeze-excitation: channel j and j + 4 stand or fall together."""
+    model, x = build(_GhostWithExcitation, randomize_norms), torch.randn(2, 3, 12, 12)
+    groups = find_channel_groups(model, x, prove=True)
+    g = group_of(groups, "expand")
+    assert (g.size, g.unit) == (4, "tied channels")
+    keep = {g.name: torch.tensor([1, 0, 0, 1], dtype=torch.bool)}
+    pruned, _ = cut_save_reload(model, groups, keep, x, "pnp:test-groups-ghost-excitation", tmp_path / "se")
+    assert (pruned.primary.out_channels, pruned.cheap.out_channels, pruned.expand.out_channels) == (2, 2, 4)
+
+
+class _StandardisedConv(nn.Conv2d):
+    """Weight standardisation as timm's ``ScaledStdConv2d`` computes it: each output channel's weights normalised."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                              momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+class _CentredConv(nn.Conv2d):
+    """Weight standardisation written with mean and std."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+@pytest.mark.parametrize("conv", [_StandardisedConv, _CentredConv])
+def test_a_weight_standardised_convolution_keeps_its_inputs_with_a_reason_naming_it(conv):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), conv(8, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1),
+                          nn.Flatten(), nn.LazyLinear(5))
+    model(X)
+    groups = find_channel_groups(model.eval(), X)
+    why = groups.excluded["0"]
+    assert "input channels of '2'" in why and "weight standardisation" in why and "shuffle" not in why
+    assert "output channels of '2'" in groups.excluded["2"]
+    assert "4" in groups  # layers around it are pruned as usual

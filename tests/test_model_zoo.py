@@ -20,7 +20,7 @@ from pnp.core.groups import find_channel_groups  # noqa: E402
 from pnp.core.surgery import apply_surgery  # noqa: E402
 from test_torchvision_models import random_keep  # noqa: E402
 
-# one of each structure the full zoo covers, picked for speed (about a second each at 64 px)
+# one of each structure the full zoo covers, picked for speed (one to a few seconds each at 64 px)
 QUICK_ZOO = {
     "dla34": "aggregation trees (concatenations of many levels)",
     "regnety_002": "grouped convolutions with squeeze-excitation",
@@ -30,7 +30,11 @@ QUICK_ZOO = {
     "pvt_v2_b0": "tokens laid back out as maps for a depthwise convolution",
     "mobilevit_xxs": "convolutions and attention heads in one network",
     "efficientvit_b0": "linear attention with multi-scale aggregation",
+    "mixnet_s": "inputs split into fixed-size sections, one convolution each (split sizes the module holds)",
+    "ghostnet_100": "a map and its depthwise copy concatenated, then sliced (channels tied in pairs)",
 }
+# CNNs of which pnp prunes every group but the classifier's
+WHOLLY_PRUNABLE = {"dla34", "regnety_002", "repvgg_a0", "lcnet_050", "mixnet_s", "ghostnet_100"}
 
 
 @pytest.mark.parametrize("name", list(QUICK_ZOO))
@@ -45,6 +49,8 @@ def test_every_offered_group_cuts_exactly_and_reloads(name, randomize_norms, gat
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     groups = find_channel_groups(model, x, prove=True)
     assert len(groups) > 0, groups.excluded
+    if name in WHOLLY_PRUNABLE:
+        assert all("model's output" in why for why in groups.excluded.values()), groups.excluded
     keep = random_keep(groups, seed=0, low=0.3, high=0.7)
 
     with warnings.catch_warnings():
@@ -59,3 +65,13 @@ def test_every_offered_group_cuts_exactly_and_reloads(name, randomize_norms, gat
     save_pruned(pruned, tmp_path / name, builder=f"timm:{name}", builder_kwargs=kwargs)
     with torch.no_grad():
         assert torch.equal(load_pruned(tmp_path / name)(x), actual)
+
+
+def test_weight_standardised_nf_resnet_is_refused_with_the_reason_naming_its_layers():
+    """NF-ResNet's ScaledStdConv2d normalises each output channel's weights over its inputs: cutting inputs is inexact."""
+    model = build_model("timm:nf_resnet26", in_channels=3, num_classes=10, input_size=64).eval()
+    groups = find_channel_groups(model, torch.randn(2, 3, 64, 64))
+    assert len(groups) == 0
+    why = groups.excluded["stages.0.0.conv1"]
+    assert "weight standardisation" in why and "'stages.0.0.conv2' (ScaledStdConv2d)" in why, why
+    assert not any("shuffle" in reason for reason in groups.excluded.values())

@@ -31,6 +31,7 @@ from pnp.core.builders import build_model, builder_allowed
 from pnp.core.groups import run_model
 from pnp.core.attention import head_layouts, resize_attention
 from pnp.core.handlers import handler_for, shrink_module
+from pnp.core.sections import resize_sections
 from pnp.core.surgery import ChannelSpec
 
 FORMAT = "pnp.pruned/1"
@@ -91,6 +92,8 @@ def save_pruned(
         "groups": {name: [int(i) for i in kept] for name, kept in spec.groups.items()},
         "group_sizes": {name: int(size) for name, size in spec.group_sizes.items()},
         "adjustments": {name: str(what) for name, what in spec.adjustments.items()},
+        # {module: {attribute: new value}}: split sizes and slice bounds the module holds (pnp.core.sections)
+        "section_sizes": _to_json(spec.section_sizes, "spec.section_sizes"),
         "metadata": _to_json(metadata or {}, "metadata"),
         # {module prefix: {"version": ...}}: modules' _load_from_state_dict read their version from it
         "state_dict_metadata": _to_json(dict(getattr(state, "_metadata", {})), "the state dict's _metadata"),
@@ -322,7 +325,7 @@ def load_pruned(
             "pass builder=... and builder_kwargs=... that build the unpruned architecture"
         ) from exc
 
-    _shrink_to_spec(model, channels["modules"], builder)
+    _shrink_to_spec(model, channels["modules"], channels["section_sizes"], builder)
     _load_weights(model, state, channels["state_dict_metadata"], builder)
     model.to(map_location)
     model.eval()
@@ -333,6 +336,7 @@ def load_pruned(
         groups=channels["groups"],
         group_sizes=channels["group_sizes"],
         adjustments=channels["adjustments"],
+        section_sizes=channels["section_sizes"],
     )
     model.pnp_metadata = channels["metadata"]
     return model
@@ -364,7 +368,7 @@ def _read_channels(path: Path) -> dict[str, Any]:
     # artifacts written before pnp kept the state dict's metadata have no "state_dict_metadata"
     nullable = {"builder": (str, type(None)), "state_dict_metadata": (dict, type(None))}
     fields = {key: channels.setdefault(key, None) for key in nullable}
-    for key in ("builder_kwargs", "modules", "groups", "group_sizes", "adjustments", "metadata"):
+    for key in ("builder_kwargs", "modules", "groups", "group_sizes", "adjustments", "section_sizes", "metadata"):
         fields[key] = channels.setdefault(key, {})
     for key, value in fields.items():
         if not isinstance(value, nullable.get(key, dict)):
@@ -376,6 +380,12 @@ def _read_channels(path: Path) -> dict[str, Any]:
         if not isinstance(entry, dict):
             raise ArtifactError(
                 f"{CHANNELS_FILE} modules[{name!r}] is {entry!r:.60}, not an object with kept_out/kept_in lists"
+            )
+    for name, entry in channels["section_sizes"].items():
+        if not isinstance(entry, dict):
+            raise ArtifactError(
+                f"{CHANNELS_FILE} section_sizes[{name!r}] is {entry!r:.60}, not an object such as "
+                '{"splits": [6, 7]}; the file is damaged, save the model again'
             )
     for prefix, entry in (channels["state_dict_metadata"] or {}).items():
         if not isinstance(entry, dict):
@@ -408,8 +418,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _shrink_to_spec(model: nn.Module, spec_modules: dict[str, dict[str, Any]], builder: str) -> None:
-    """Shrink every listed layer to its kept channels, layer by layer (no graph)."""
+def _shrink_to_spec(
+    model: nn.Module, spec_modules: dict[str, dict[str, Any]], section_sizes: dict[str, dict[str, Any]], builder: str
+) -> None:
+    """Shrink every listed layer to its kept channels, layer by layer (no graph), and set the sizes modules hold."""
     modules = dict(model.named_modules())
     layouts = head_layouts(model)  # read before the cut, as surgery read them
     for name, entry in spec_modules.items():
@@ -435,6 +447,7 @@ def _shrink_to_spec(model: nn.Module, spec_modules: dict[str, dict[str, Any]], b
             raise ArtifactError(f"{where}: {exc}") from exc
     try:
         resize_attention(model, layouts, spec_modules)
+        resize_sections(model, section_sizes)
     except ValueError as exc:
         raise ArtifactError(f"{CHANNELS_FILE}: {exc}") from exc
 

@@ -22,6 +22,7 @@ import torch_pruning as tp
 
 from pnp.core.attention import HeadLayout, head_layouts
 from pnp.core.handlers import make_dependency_graph
+from pnp.core.sections import SizeAttribute, size_attributes
 
 OUT = "out"
 IN = "in"
@@ -45,6 +46,20 @@ class ChannelMember:
     groups: int = 1
 
 
+@dataclass(frozen=True)
+class SectionMember:
+    """The group's channels where a module splits or slices them into sizes it holds.
+
+    ``positions[i]`` is the position, in the split or sliced tensor, of group channel
+    ``root_indices[i]``; the spec resizes ``attribute`` by the positions dropped (see
+    :mod:`pnp.core.sections`).
+    """
+
+    attribute: SizeAttribute
+    positions: torch.Tensor
+    root_indices: torch.Tensor
+
+
 @dataclass
 class ChannelGroup:
     """Channels that are kept or removed together."""
@@ -56,6 +71,7 @@ class ChannelGroup:
     flops_per_channel: float = 0.0
     params_per_channel: float = 0.0
     unit: str = "channel"  # what one of the group's ``size`` entries is: a channel, or an attention "head"
+    sections: tuple[SectionMember, ...] = ()  # where a module splits or slices its channels into sizes it holds
 
     @property
     def producers(self) -> list[str]:
@@ -334,13 +350,36 @@ def _leaves_model(group, graph) -> str | None:
     return None
 
 
+def _standardised_weight(group, graph) -> str | None:
+    """Why a layer of the group that standardises its weight in forward (see handlers) keeps it out, or None.
+
+    Weight standardisation (timm's ``ScaledStdConv2d``, NF-ResNets) normalises each
+    output channel's weights over all its input channels: removing input channels
+    changes the weights of those kept, so gating cannot stand in for removal. Its
+    output channels would be exact, but the layer computes its weight from more
+    than ``weight`` and ``bias`` (a per-channel gain), which pnp does not cut.
+    """
+    found = [(_is_consumer(graph, dep.target.module, dep.handler), dep.target) for dep, _ in group
+             if getattr(dep.target, "pnp_standardised_weight", None)]
+    if not found:
+        return None
+    consumer, node = max(found, key=lambda f: f[0])  # a consumer's input channels are what makes it inexact
+    what = f"{graph._module2name.get(node.module, node.module)!r} ({type(node.module).__name__})"
+    how = f"which standardises its weight in forward (weight standardisation, {node.pnp_standardised_weight[0]})"
+    if consumer:
+        return (f"its channels are input channels of {what}, {how}: each output channel's weights are normalised "
+                "over all its input channels, so removing some changes the weights kept and gating cannot stand in "
+                "for removal")
+    return (f"its channels are output channels of {what}, {how} from parameters besides its weight and bias, "
+            "which pnp does not cut")
+
+
 def _through_channel_shuffle(group) -> str | None:
     for dep, _ in group:
         if getattr(dep.target, "pnp_channel_shuffle", False):
             return _channel_shuffle_reason(dep.target)
-        if getattr(dep.target, "pnp_unmapped", False):
-            return ("its channels pass through a concatenation whose input widths torch-pruning cannot infer "
-                    "(a slice of a layer's output among its inputs), so their positions are unknown")
+        if getattr(dep.target, "pnp_unmapped", None):
+            return dep.target.pnp_unmapped
     return None
 
 
@@ -463,8 +502,13 @@ def find_channel_groups(
     channels reach the model's outputs are always left out. Every left-out group is
     listed in ``ChannelGroups.excluded`` with the reason.
 
-    Groups that reach a recurrent or attention layer are left out (pnp does not cut
-    them). A group whose channels pass through a slice or an index is proven, and
+    Groups that reach a recurrent or attention layer, or a layer that standardises its
+    weight in forward (NF-ResNet's ``ScaledStdConv2d``), are left out (pnp does not cut
+    them). A split or slice whose sizes the module running it holds in an attribute
+    (MixNet's ``MixedConv2d.splits``, GhostNet's ``out_chs``) is followed: the spec
+    carries the attribute's new value (see :mod:`pnp.core.sections`). Channels that
+    reach one layer channel from two places (a map and its depthwise copy) are
+    tied into one unit. A group whose channels pass through a slice or an index is proven, and
     with ``prove`` every group is: half of each group's channels are cut from a copy
     of ``model`` and the result compared with the model gated the same way; a group
     whose removal does not reproduce its gating, or crashes, is left out with what went
@@ -480,6 +524,7 @@ def find_channel_groups(
 
     graph = build_dependency_graph(model, example_inputs)
     layouts = head_layouts(model)
+    sites = _section_sites(graph, names)
     groups: list[ChannelGroup] = []
     excluded: dict[str, str] = {}
     flows: dict[tuple[str, int], list[tuple[str, torch.Tensor]]] = {}
@@ -495,7 +540,8 @@ def find_channel_groups(
                 groups.append(head_group)
                 suspect.add(root_name)  # reshapes into heads: proven below
             continue
-        reason = _leaves_model(tp_group, graph) or _through_channel_shuffle(tp_group)
+        reason = (_leaves_model(tp_group, graph) or _standardised_weight(tp_group, graph)
+                  or _through_channel_shuffle(tp_group))
         members: list[ChannelMember] = []
         block_parts = []
         carried: dict = {}
@@ -526,14 +572,19 @@ def find_channel_groups(
             blocks = _block_ids(module, side, indices)
             if blocks is not None:
                 block_parts.append((root_indices, blocks))
+        sections = _sections_of(tp_group, graph, names, sites)
+        if isinstance(sections, str):
+            reason = reason or sections
+            sections = []
         size = len(tp_group[0].idxs)
         unit = "channel"
-        units = _tied_units(graph, names, members, size) if reason is None else None
+        units = _tied_units(size, getattr(tp_group, "pnp_ties", ())) if reason is None else None
         if units is not None:
             if block_parts:
                 reason = "its channels are tied in pairs and split into grouped-convolution blocks at once"
             else:
                 members, size, unit = _as_units(members, units), int(units.max()) + 1, "tied channels"
+                sections = [SectionMember(s.attribute, s.positions, units[s.root_indices]) for s in sections]
                 suspect.add(root_name)  # proven below, like every group pnp renumbers
         if reason is None and not any(m.side == IN for m in members):
             reason = "no layer consumes its channels"
@@ -546,7 +597,7 @@ def find_channel_groups(
         if reason is not None:
             excluded[root_name] = reason
             continue
-        groups.append(ChannelGroup(root_name, size, tuple(members), blocks, unit=unit))
+        groups.append(ChannelGroup(root_name, size, tuple(members), blocks, unit=unit, sections=tuple(sections)))
         for call, root_indices in carried.items():
             flows.setdefault(call, []).append((root_name, root_indices if units is None else units[root_indices]))
 
@@ -567,20 +618,61 @@ def find_channel_groups(
     return result
 
 
-def _tied_units(graph, names: dict, members: list[ChannelMember], size: int) -> torch.Tensor | None:
+def _section_sites(graph, names: dict) -> dict:
+    """``{grad_fn: size attributes, or why they cannot be told}`` for every split or slice a module ran."""
+    sites, calls = {}, {}
+    for grad_fn, module in graph.pnp_section_owners.items():
+        name = names.get(module, type(module).__name__)
+        call = calls[name] = calls.get(name, -1) + 1
+        sites[grad_fn] = size_attributes(grad_fn, module, name, call)
+    return sites
+
+
+def _sections_of(tp_group, graph, names: dict, sites: dict) -> list[SectionMember] | str:
+    """The group's channels at each split or slice whose sizes a module attribute holds, or why pnp cannot follow them.
+
+    A split's or slice's positions are those of the tensor it cuts: the group's
+    channels at the op that made that tensor (a layer's output side, a concat, ...).
+    """
+    picks = list(dict.fromkeys(item.dep.target for item in tp_group if sites.get(item.dep.target.grad_fn)))
+    if not picks:
+        return []
+    at: dict = {}
+    for item in tp_group:
+        module = item.dep.target.module
+        if isinstance(module, nn.Module) and module in names and _is_consumer(graph, module, item.dep.handler):
+            continue  # a layer's input side, numbered unlike the tensor it makes
+        at.setdefault(item.dep.target, item)
+    found = []
+    for node in picks:
+        attributes = sites[node.grad_fn]
+        if isinstance(attributes, str):
+            return attributes
+        source = node.inputs[0] if len(node.inputs) == 1 else None
+        if source is None or source not in at or source.type in _RENUMBERING:
+            return (f"its channels reach a split or slice in {attributes[0].module!r} through an op whose channel "
+                    "positions pnp does not follow (another split or slice, a reshape)")
+        positions = torch.as_tensor(at[source].idxs, dtype=torch.long)
+        roots = torch.as_tensor(at[source].root_idxs, dtype=torch.long)
+        found += [SectionMember(attribute, positions, roots) for attribute in attributes]
+    return found
+
+
+# ops whose group indices are not the positions of the tensor they make
+_RENUMBERING = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.RESHAPE)
+
+
+def _tied_units(size: int, ties) -> torch.Tensor | None:
     """The unit of each of the group's channels when some are tied together, else None.
 
-    A layer that ties its input channels to its outputs (a depthwise convolution, a
-    norm) reads a channel of a producer in the same group. When that channel is a
-    different channel of the group (GhostNet's ``cat([x, depthwise(x)])`` under one
-    squeeze-excitation), the two stand or fall together: dropping one would cut the
-    producer's channel for both. Such channels become one unit of the group.
+    ``ties`` are pairs of the group's channels that reach one channel of some layer
+    (see :class:`pnp.core.handlers._BoundedGroup`): GhostNet's ``cat([x, depthwise(x)])``
+    carries channel ``j`` of ``x`` at two positions, and a depthwise convolution cannot
+    drop an output without its input. Dropping one of the pair would cut that layer's
+    channel for both, so the two stand or fall together: they become one unit of the group.
     """
-    modules = {n: m for m, n in names.items()}
-    produced = {}
-    for m in members:
-        if m.side == OUT:
-            produced[m.module] = dict(zip(m.indices.tolist(), m.root_indices.tolist()))
+    if not ties:
+        return None
     parent = list(range(size))
 
     def find(i: int) -> int:
@@ -589,22 +681,8 @@ def _tied_units(graph, names: dict, members: list[ChannelMember], size: int) -> 
             i = parent[i]
         return i
 
-    tied = False
-    for m in members:
-        module = modules.get(m.module)
-        handler = graph.get_pruner_of_module(module) if module is not None else None
-        if m.side != OUT or handler is None or handler.prune_in_channels != handler.prune_out_channels:
-            continue
-        for upstream in _upstream_layers(graph, module):
-            source = produced.get(names.get(upstream))
-            if source is None:
-                continue
-            for index, root in zip(m.indices.tolist(), m.root_indices.tolist()):
-                if index in source and find(source[index]) != find(root):
-                    parent[find(root)] = find(source[index])
-                    tied = True
-    if not tied:
-        return None
+    for a, b in ties:
+        parent[find(a)] = find(b)
     _, units = torch.unique(torch.tensor([find(i) for i in range(size)]), return_inverse=True)
     return units
 
@@ -617,21 +695,6 @@ def _as_units(members: list[ChannelMember], units: torch.Tensor) -> list[Channel
         indices, roots = (torch.tensor(v, dtype=torch.long) for v in zip(*pairs))
         out.append(ChannelMember(m.module, m.side, indices, roots, m.groups))
     return out
-
-
-def _upstream_layers(graph, module) -> list:
-    """The layers whose outputs reach ``module``'s input through element-wise ops only."""
-    found, stack, seen = [], list(graph.module2node[module].inputs), set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if isinstance(node.module, nn.Module) and node.module in graph._module2name:
-            found.append(node.module)
-        elif node.type == tp.ops.OPTYPE.ELEMENTWISE and not getattr(node, "pnp_channel_shuffle", False):
-            stack.extend(node.inputs)
-    return found
 
 
 def _attention_heads(layout: HeadLayout, tp_group, names: dict, ignored: set, min_size: int) -> ChannelGroup | str:
@@ -702,6 +765,9 @@ def legalize_keep(
     Groups feeding grouped convolutions must keep the same number of channels in
     every block; the count is the median of the blocks' counts (the fewest flips),
     and channels are added or dropped by ``scores`` (keep probabilities) when given.
+    In other groups every layer keeps at least one of its channels: a layer that
+    holds only part of a group (the convolution of one section of a split) gets its
+    best-scored channel back when the decisions drop all of its own.
     Returns the legal decisions and, for each adjusted group, what changed.
     """
     checked = groups.check_keep(keep)
@@ -709,10 +775,18 @@ def legalize_keep(
     out = {}
     for g in groups:
         k = checked[g.name]
-        if g.blocks is None:
-            out[g.name] = k
-            continue
         score = k.float() if scores is None or g.name not in scores else scores[g.name].detach().float().cpu()
+        if g.blocks is None:
+            out[g.name] = legal = k.clone()
+            emptied = []
+            for m in g.members:
+                if len(m.root_indices) and not bool(legal[m.root_indices].any()):
+                    legal[m.root_indices[torch.argmax(score[m.root_indices])]] = True
+                    emptied.append(m.module)
+            if emptied:
+                adjusted[g.name] = (f"{len(emptied)} channel(s) kept so that layers {emptied[:3]} keep "
+                                    "at least one channel each")
+            continue
         # kept channels rank first, then by score, so flips are as few as possible
         rank = k.float() * 2.0 + score.clamp(0, 1)
         counts = torch.bincount(g.blocks[k], minlength=g.num_blocks)

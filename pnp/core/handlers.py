@@ -17,6 +17,8 @@ import torch_pruning as tp
 from torch_pruning.dependency import graph as tp_graph
 from torch_pruning.pruner import function as tp_function
 
+from pnp.core.sections import record_section_owners
+
 
 def _block_keep(total: int, groups: int, removed: Sequence[int], what: str, layer: nn.Module) -> list[torch.Tensor]:
     """Kept local indices of each block; every block must keep as many as the others."""
@@ -78,9 +80,28 @@ class _BoundedGroup(tp.dependency.Group):
     A chain of partial residuals (ReXNet's ``cat([y[:, :c] + x, y[:, c:]])``) makes
     torch-pruning revisit each layer with ever longer index lists, so finding one
     group takes time exponential in the depth.
+
+    It also keeps what torch-pruning's merge drops: when one channel of a layer is
+    reached from two channels of the root (GhostNet's ``cat([x, depthwise(x)])``:
+    channel ``j`` of ``x`` feeds positions ``j`` and ``c + j``), the merge keeps the
+    first root channel only. Removing either root channel removes that layer channel,
+    so the two are tied; ``pnp_ties`` lists such pairs of root channels. Both apply
+    to pnp's searches only (``limit`` set): other users of torch-pruning get its own.
     """
 
     limit: int | None = None
+
+    def add_and_merge(self, dep, idxs):
+        if self.limit is not None:
+            known = next((i for d, i in self.items if d.target == dep.target and d.handler == dep.handler), [])
+            roots, ties = {}, []
+            for index in [*known, *idxs]:
+                root = roots.setdefault(index.idx, index.root_idx)
+                if root != index.root_idx:
+                    ties.append((root, index.root_idx))
+            if ties:
+                self.pnp_ties = getattr(self, "pnp_ties", []) + ties
+        super().add_and_merge(dep, idxs)
 
     def add_dep(self, dep, idxs):
         if self.limit is not None:
@@ -109,6 +130,13 @@ class DependencyGraph(tp.DependencyGraph):
     torch-pruning rebuilds every concat/split/reshape index map before each
     ``get_pruning_group``, because pruning in between changes channel counts.
     Inside :meth:`channels_unchanged` nothing is pruned, so the maps are built once.
+
+    A Conv/Linear layer that normalises its weight in forward (weight
+    standardisation: timm's ``ScaledStdConv2d`` in NF-ResNets) is marked
+    ``pnp_standardised_weight`` with the normalising ops.
+
+    Each split or slice is attributed to the module running it
+    (``pnp_section_owners``, see :mod:`pnp.core.sections`).
 
     A Conv/Linear layer that applies child modules in its own forward (a norm, an
     activation: detectron2's ``Conv2d``) would be placed at the grad_fn of its
@@ -141,10 +169,12 @@ class DependencyGraph(tp.DependencyGraph):
         # which torch-pruning sees only as anonymous element-wise nodes
         self.pnp_layer_calls: dict = {}
         self._pnp_fused_calls: list = []
+        self.pnp_section_owners: dict = {}  # grad_fn of a split or slice -> the module running it
         handles = _record_parameter_free_calls(model, self.pnp_layer_calls)
         handles += _record_fused_calls(model, self._pnp_fused_calls)
         try:
-            module2node = super()._trace(model, example_inputs, forward_fn, output_transform)
+            with record_section_owners(model, self.pnp_section_owners):
+                module2node = super()._trace(model, example_inputs, forward_fn, output_transform)
         finally:
             for h in handles:
                 h.remove()
@@ -157,6 +187,12 @@ class DependencyGraph(tp.DependencyGraph):
                 node.pnp_token_reshape = True  # groups through it are proven (see find_channel_groups)
             else:
                 node.pnp_channel_shuffle = True
+        layer_ops = {node.grad_fn for node in module2node.values() if node.module in self._module2name}
+        for node in module2node.values():
+            if isinstance(node.module, (nn.modules.conv._ConvNd, nn.Linear)):
+                ops = _weight_normalising_ops(node.grad_fn, node.module, layer_ops - {node.grad_fn})
+                if ops:
+                    node.pnp_standardised_weight = ops  # groups through it are left out (see find_channel_groups)
         return module2node
 
     def _trace_computational_graph(self, module2node, output, gradfn2module, reused, visited):
@@ -221,6 +257,38 @@ def _record_fused_calls(model: nn.Module, record: list) -> list:
     return handles
 
 
+# autograd nodes of ops that normalise a tensor by statistics over it
+_NORMALISING = ("NativeBatchNormBackward", "CudnnBatchNormBackward", "VarBackward", "StdBackward", "VarMeanBackward",
+                "StdMeanBackward", "MeanBackward", "NormBackward", "LinalgVectorNormBackward")
+
+
+def _weight_normalising_ops(grad_fn, layer: nn.Module, other_layers: set, depth: int = 8) -> list[str]:
+    """The normalising ops between ``layer.weight`` and the layer's output op ``grad_fn``, if any.
+
+    Weight standardisation computes the weight a convolution applies from its
+    parameter in forward (``batch_norm(weight.reshape(1, out, -1))``, or
+    ``(w - w.mean()) / w.std()`` per output channel). The search follows autograd
+    back from ``grad_fn``, at most ``depth`` ops, and not through other layers' ops (a
+    layer run twice would otherwise find its own weight through the layers between).
+    """
+    weight = getattr(layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or grad_fn is None:
+        return []
+    stack, seen = [(grad_fn, ())], set()
+    while stack:
+        fn, path = stack.pop()
+        path = path + (fn.name(),)
+        for nxt, _ in getattr(fn, "next_functions", ()):
+            if nxt is None or nxt in seen or nxt in other_layers:
+                continue
+            seen.add(nxt)
+            if getattr(nxt, "variable", None) is weight:
+                return [op for op in path if op.startswith(_NORMALISING)]
+            if len(path) < depth and not hasattr(nxt, "variable"):
+                stack.append((nxt, path))
+    return []
+
+
 def _reads_weight(grad_fn, layer: nn.Module) -> bool:
     """True when ``grad_fn`` is an op on ``layer.weight``, read directly or through a transpose or view."""
     weight = getattr(layer, "weight", None)
@@ -276,22 +344,64 @@ _update_index_mapping_unless_current.pnp_wrapped = _tp_update_index_mapping
 tp_graph.index_mapping.update_index_mapping = _update_index_mapping_unless_current
 
 
+_UNMAPPED_CONCAT = ("its channels pass through a concatenation whose input widths torch-pruning cannot infer "
+                    "(a slice of a layer's output among its inputs), so their positions are unknown")
+
+
 def _update_concat_index_mapping_or_mark(graph, node) -> None:
     """torch-pruning's concat index map; a concat whose input widths it cannot infer is marked ``pnp_unmapped``.
 
     Its channel offsets are then unknown and the group through it would be numbered
     wrongly; torch-pruning either raises (comparing a width with None) or leaves the
-    map out silently.
+    map out silently. ``pnp_unmapped`` holds the reason groups through it are left out.
+
+    torch-pruning also leaves out the map of a concat whose consumers take fewer
+    channels than it makes, taking it for a concat along another dim. A concat of
+    feature maps ``[N, C, H, W]`` along dim 1 whose input widths add up to its output's
+    is along channels, whatever follows (GhostNet's ``cat([x1, x2], 1)[:, :out_chs]``):
+    in pnp's graphs it is mapped by those widths.
     """
     module = getattr(node, "module", None)
     try:
         _tp_update_concat_index_mapping(graph, node)
     except TypeError:
-        node.pnp_unmapped = True
+        node.pnp_unmapped = _UNMAPPED_CONCAT
         return
     sizes = getattr(module, "concat_sizes", None)
-    if node.type == tp.ops.OPTYPE.CONCAT and sizes is not None and any(c is None for c in sizes):
-        node.pnp_unmapped = True
+    if node.type != tp.ops.OPTYPE.CONCAT or sizes is None:
+        return
+    if any(c is None for c in sizes):
+        node.pnp_unmapped = _UNMAPPED_CONCAT
+    elif module.offsets is None and isinstance(graph, DependencyGraph) and _concat_of_feature_maps(node.grad_fn, sizes):
+        _map_concat(node, sizes)
+
+
+def _concat_of_feature_maps(grad_fn, sizes) -> bool:
+    """True when ``grad_fn`` concatenates maps ``[N, C, H, W]`` along C and ``sizes`` are its inputs' widths."""
+    metadata = getattr(grad_fn, "_input_metadata", None)
+    if getattr(grad_fn, "_saved_dim", None) != 1 or not metadata:
+        return False
+    shape = metadata[0].shape
+    return len(shape) == 4 and int(shape[1]) == sum(sizes)
+
+
+def _map_concat(node, sizes) -> None:
+    """Map each input's channels to its place in the concat, ``sizes`` being the inputs' widths in order."""
+    if len(set(node.inputs)) != len(node.inputs):
+        node.pnp_unmapped = _UNMAPPED_CONCAT  # one tensor at two places: one map cannot hold both
+        return
+    offsets = [0]
+    for width in sizes:
+        offsets.append(offsets[-1] + width)
+    node.module.offsets = offsets
+    for i, source in enumerate(node.inputs):
+        place = offsets[i:i + 2]
+        for dep in node.dependencies:
+            if dep.target is source:
+                dep.index_mapping[1] = tp_graph.index_mapping._ConcatIndexMapping(offset=place, reverse=True)
+        for dep in source.dependencies:
+            if dep.target is node:
+                dep.index_mapping[1] = tp_graph.index_mapping._ConcatIndexMapping(offset=place, reverse=False)
 
 
 _tp_update_concat_index_mapping = getattr(
@@ -300,6 +410,44 @@ _tp_update_concat_index_mapping = getattr(
 )
 _update_concat_index_mapping_or_mark.pnp_wrapped = _tp_update_concat_index_mapping
 tp_graph.index_mapping.update_concat_index_mapping = _update_concat_index_mapping_or_mark
+
+
+def _update_split_index_mapping_by_section(graph, node) -> None:
+    """torch-pruning's split index map, with each consumer mapped to the section it reads.
+
+    torch-pruning maps the i-th consumer it met while tracing to the i-th section, but
+    tracing meets consumers in no set order (MixNet's per-section convolutions came
+    reversed) and a section nobody reads shifts the rest. The section a consumer reads
+    is the output number of its edge to the split. A consumer reading several sections
+    cannot be mapped: the split is marked ``pnp_unmapped`` with the reason. pnp's
+    graphs only: other users of torch-pruning get its own map.
+    """
+    _tp_update_split_index_mapping(graph, node)
+    offsets = getattr(node.module, "offsets", None)
+    mapped = [d for d in node.dependencies if isinstance(d.index_mapping[0], tp_graph.index_mapping._SplitIndexMapping)]
+    if not isinstance(graph, DependencyGraph) or node.type != tp.ops.OPTYPE.SPLIT or offsets is None or not mapped:
+        return  # torch-pruning does not map this split (not along channels)
+    for out in node.outputs:
+        sections = {nr for fn, nr in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn}
+        if len(sections) != 1:
+            node.pnp_unmapped = ("its channels pass through a split one consumer of which reads several "
+                                 "sections, so their positions are unknown")
+            continue
+        section = offsets[sections.pop():][:2]
+        for dep in node.dependencies:
+            if dep.target is out:
+                dep.index_mapping[0] = tp_graph.index_mapping._SplitIndexMapping(offset=section, reverse=False)
+        for dep in out.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = tp_graph.index_mapping._SplitIndexMapping(offset=section, reverse=True)
+
+
+_tp_update_split_index_mapping = getattr(
+    tp_graph.index_mapping.update_split_index_mapping, "pnp_wrapped",
+    tp_graph.index_mapping.update_split_index_mapping,
+)
+_update_split_index_mapping_by_section.pnp_wrapped = _tp_update_split_index_mapping
+tp_graph.index_mapping.update_split_index_mapping = _update_split_index_mapping_by_section
 
 
 def _keeps_channels(grad_fn) -> bool:

@@ -14,6 +14,7 @@ import torch_pruning as tp
 from pnp.core.attention import head_layouts, resize_attention
 from pnp.core.groups import OUT, ChannelGroups, build_dependency_graph, first_tensor, legalize_keep, run_model
 from pnp.core.handlers import handler_for
+from pnp.core.sections import SizeAttribute, resize_sections
 
 
 class SurgeryMismatchError(RuntimeError):
@@ -26,13 +27,16 @@ class ChannelSpec:
 
     ``modules`` maps a qualified module name (in the original model) to
     ``{"kept_out": [...], "kept_in": [...]}`` (only the sides that changed) and
-    ``groups`` maps group names to their kept channel indices.
+    ``groups`` maps group names to their kept channel indices. ``section_sizes``
+    maps a module that splits or slices channels into sizes it holds to
+    ``{attribute: new value}`` (see :mod:`pnp.core.sections`).
     """
 
     modules: dict[str, dict[str, list[int]]]
     groups: dict[str, list[int]]
     group_sizes: dict[str, int]
     adjustments: dict[str, str] = field(default_factory=dict)
+    section_sizes: dict[str, dict[str, int | list[int]]] = field(default_factory=dict)
 
     def kept_fraction(self) -> dict[str, float]:
         return {name: len(kept) / self.group_sizes[name] for name, kept in self.groups.items()}
@@ -55,12 +59,43 @@ def channel_spec(model: nn.Module, groups: ChannelGroups, keep: Mapping[str, tor
         handler = handler_for(module)
         total = handler.get_out_channels(module) if side == OUT else handler.get_in_channels(module)
         kept = [i for i in range(total) if i not in gone]
+        if not kept:
+            raise ValueError(
+                f"the keep decisions drop every {side}put channel of layer {name!r}; keep at least one "
+                "(legalize_keep does)"
+            )
         entry = spec.setdefault(name, {})
         entry["kept_out" if side == OUT else "kept_in"] = kept
         if side == OUT and handler.prune_in_channels == handler.prune_out_channels and isinstance(module, nn.Conv2d):
             entry["kept_in"] = kept  # depthwise: input and output channels go together
     group_keep = {g.name: keep[g.name].nonzero().flatten().tolist() for g in groups}
-    return ChannelSpec(spec, group_keep, {g.name: g.size for g in groups}, dict(adjustments or {}))
+    return ChannelSpec(spec, group_keep, {g.name: g.size for g in groups}, dict(adjustments or {}),
+                       _section_sizes(groups, keep))
+
+
+def _section_sizes(groups: ChannelGroups, keep: Mapping[str, torch.Tensor]) -> dict[str, dict[str, int | list[int]]]:
+    """``{module: {attribute: new value}}`` for each split or slice size that ``keep`` changes."""
+    removed: dict[SizeAttribute, set[int]] = {}
+    for g in groups:
+        dropped = ~keep[g.name]
+        for section in g.sections:
+            gone = section.positions[dropped[section.root_indices]]
+            removed.setdefault(section.attribute, set()).update(gone.tolist())
+    resized: dict[tuple[str, str], list] = {}
+    for attribute, gone in removed.items():
+        resized.setdefault((attribute.module, attribute.attr), []).append((attribute, attribute.resized(gone)))
+    sizes: dict[str, dict[str, int | list[int]]] = {}
+    for (module, attr), pairs in resized.items():
+        values = [value for _, value in pairs]
+        if any(value != values[0] for value in values):
+            raise ValueError(
+                f"{module}.{attr} sizes {len(values)} splits or slices, and the keep decisions resize them "
+                f"differently ({values}); one attribute cannot hold them all"
+            )
+        attribute, value = pairs[0]
+        if value != attribute.resized(set()):
+            sizes.setdefault(module, {})[attr] = value
+    return sizes
 
 
 def apply_surgery(
@@ -97,6 +132,7 @@ def apply_surgery(
         del pruned.pnp_channel_spec
     _remove_channels(pruned, groups, keep, example_inputs)
     resize_attention(pruned, head_layouts(model), spec.modules)
+    resize_sections(pruned, spec.section_sizes)
     _check_widths(pruned, spec)
     pruned.pnp_channel_spec = spec
     if verify:
