@@ -188,6 +188,9 @@ _EXPECTED_WARNINGS = (
     r"The number of training batches .* is smaller than the logging interval",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own, under torch >= 2.9
     r"You have overridden `on_after_batch_transfer` in `LightningModule`",  # channels-last batches (pnp.training.layout)
+    # a fresh stage with the interrupt checkpoint callback: Lightning looks for a "last" checkpoint to resume
+    r"`\.fit\(ckpt_path=None\)` was called without a model",
+    r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available",
 )
 
 
