@@ -114,6 +114,8 @@ def test_pipeline_writes_report_plots_logs_and_config(finished_run):
     assert {"train/loss_epoch", "val/acc"} <= _tensorboard_tags(out / "train" / "tb")
     assert {"train/sparsity_loss_epoch", "train/flops_kept_epoch"} <= _tensorboard_tags(out / "train_pruner" / "tb")
     assert "train/kd_loss_epoch" in _tensorboard_tags(out / "finetune" / "tb")
+    # unaugmented data: the teacher's logits were computed once, not at every step
+    assert json.loads((out / "finetune" / "report.json").read_text())["teacher_outputs"] == "computed once"
     assert (out / "train" / "checkpoints" / "last.ckpt").is_file()
 
     resolved = OmegaConf.load(out / ".hydra" / "config.yaml")
