@@ -143,3 +143,140 @@ def test_swin_heads_cut_with_their_bias_table_and_reload(randomize_norms, gated_
     save_pruned(pruned, tmp_path / "swin", builder="timm:swin_tiny_patch4_window7_224", builder_kwargs=kwargs)
     with torch.no_grad():
         assert torch.equal(load_pruned(tmp_path / "swin")(x), actual)
+
+
+class PerHeadAttention(torch.nn.Module):
+    """TinyViT's layout: ``qkv``'s rows grouped by head (query, key, value of head 0, then of head 1, ...),
+    ``proj`` reading ``out_dim`` channels, and a learned bias per head and token offset (heads in dim 0),
+    cached per device in eval mode. Unlike timm's, the cache is not cleared by ``.eval()``, so a copy
+    that survived the cut shows."""
+
+    def __init__(self, dim: int, key_dim: int, val_dim: int, num_heads: int, tokens: int):
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
+        self.out_dim = num_heads * val_dim
+        self.qkv = torch.nn.Linear(dim, num_heads * (2 * key_dim + val_dim))
+        self.proj = torch.nn.Linear(self.out_dim, dim)
+        self.attention_biases = torch.nn.Parameter(torch.randn(num_heads, tokens))
+        positions = torch.arange(tokens)
+        self.register_buffer("offsets", (positions[:, None] - positions[None, :]).abs(), persistent=False)
+        self.attention_bias_cache = {}
+
+    def biases(self, device) -> torch.Tensor:
+        if self.training:
+            return self.attention_biases[:, self.offsets]
+        return self.attention_bias_cache.setdefault(str(device), self.attention_biases[:, self.offsets])
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).view(b, n, self.num_heads, -1).transpose(1, 2)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=-1)
+        attn = (q @ k.transpose(-2, -1) * self.key_dim**-0.5 + self.biases(x.device)).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.out_dim))
+
+
+class PerHeadTransformer(torch.nn.Module):
+    """Tokens ``[batch, 6, 8]``: an embedding, one residual :class:`PerHeadAttention` with 3 heads, a classifier."""
+
+    def __init__(self, key_dim: int, val_dim: int):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, 16)
+        self.attn = PerHeadAttention(16, key_dim, val_dim, num_heads=3, tokens=6)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.head(x + self.attn(x))
+
+
+def per_head_transformer(key_dim: int, val_dim: int) -> PerHeadTransformer:
+    torch.manual_seed(0)
+    return PerHeadTransformer(key_dim, val_dim).eval()
+
+
+def test_head_layout_tells_per_head_qkv_from_stacked_and_refuses_what_fits_neither():
+    from pnp.core.attention import INTERLEAVED, STACKED, head_layout
+
+    attn = per_head_transformer(key_dim=2, val_dim=3).attn
+    layout = head_layout(attn, "attn")
+    assert (layout.kind, layout.num_heads, layout.key_dim, layout.val_dim) == (INTERLEAVED, 3, 2, 3)
+    assert layout.qkv_heads().tolist() == [0] * 7 + [1] * 7 + [2] * 7
+    assert layout.proj_heads().tolist() == [0] * 3 + [1] * 3 + [2] * 3
+    assert layout.per_head == (("attention_biases", 0),)
+
+    vit_attn = vit()[0].blocks[0].attn  # 3 heads of 64: queries, then keys, then values
+    stacked = head_layout(vit_attn, "attn")
+    assert (stacked.kind, stacked.key_dim, stacked.val_dim) == (STACKED, 64, 64)
+    assert stacked.qkv_heads().tolist() == ([0] * 64 + [1] * 64 + [2] * 64) * 3
+
+    attn.val_dim = 4  # qkv and proj no longer hold 3 heads of (2 + 2 + 4) and 4 channels
+    assert head_layout(attn, "attn") is None
+    del attn.key_dim, attn.val_dim  # nor [3, 3 heads, 7 channels] (qkv has 21, not 63)
+    assert head_layout(attn, "attn") is None
+
+
+@pytest.mark.parametrize("key_dim, val_dim", [(4, 4), (4, 6)])
+def test_per_head_qkv_heads_are_cut_exactly_with_their_biases_and_reload(key_dim, val_dim, gated_output, tmp_path):
+    """Each head's query, key and value rows of qkv and its columns of proj go together; the biases follow."""
+    model = per_head_transformer(key_dim, val_dim)
+    x = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(x)  # eval mode: the layer caches its biases for all 3 heads
+    groups = find_channel_groups(model, x, prove=True)
+    heads = groups["attn.qkv"]
+    assert (heads.size, heads.unit) == (3, "head"), groups.excluded
+    assert {(m.module, m.side) for m in heads.members} == {("attn.qkv", "out"), ("attn.proj", "in")}
+    keep = {"attn.qkv": torch.tensor([True, False, True])}  # the middle head goes
+
+    pruned = apply_surgery(model, groups, keep, x, verify=True).eval()
+
+    attn, original = pruned.attn, model.attn
+    width = 2 * key_dim + val_dim
+    rows = torch.cat([torch.arange(width), torch.arange(2 * width, 3 * width)])  # heads 0 and 2
+    assert (attn.num_heads, attn.out_dim) == (2, 2 * val_dim)
+    assert torch.equal(attn.qkv.weight, original.qkv.weight[rows])
+    columns = torch.cat([torch.arange(val_dim), torch.arange(2 * val_dim, 3 * val_dim)])
+    assert torch.equal(attn.proj.weight, original.proj.weight[:, columns])
+    assert torch.equal(attn.attention_biases, original.attention_biases[[0, 2]])
+    with torch.no_grad():
+        actual = pruned(x)
+    torch.testing.assert_close(actual, gated_output(model, groups, keep, x), rtol=1e-4, atol=1e-5)
+    cost, counted = CostModel(groups), count_flops_params(pruned, x)
+    assert float(cost.params(keep)) == counted.params
+    assert float(cost.flops(keep)) == pytest.approx(counted.flops, rel=1e-6)
+
+    save_pruned(pruned, tmp_path / "model", builder="test_transformers:per_head_transformer",
+                builder_kwargs={"key_dim": key_dim, "val_dim": val_dim})
+    loaded = load_pruned(tmp_path / "model", trust_builder=True).eval()
+    assert (loaded.attn.num_heads, loaded.attn.out_dim) == (2, 2 * val_dim)
+    assert torch.equal(loaded.attn.attention_biases, attn.attention_biases)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), actual)
+
+
+def test_tiny_vit_heads_are_prunable_units(randomize_norms, gated_output, tmp_path):
+    """timm's TinyViT lays qkv out head by head, with biases per head in dim 0 and out_dim in its forward."""
+    kwargs = {**DATA, "input_size": 64}
+    torch.manual_seed(0)
+    model = randomize_norms(build_model("timm:tiny_vit_5m_224", **kwargs).eval(), seed=1)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    groups = find_channel_groups(model, x, prove=True)
+    layers = {n: m for n, m in model.named_modules() if type(m).__name__ == "Attention"}
+    assert len(layers) == 10
+    for name, attn in layers.items():
+        heads = groups[f"{name}.qkv"]
+        assert (heads.size, heads.unit) == (attn.num_heads, "head"), groups.excluded.get(f"{name}.qkv")
+    keep = {g.name: torch.arange(g.size) != 1 for g in groups if g.unit == "head"}  # head 1 of every layer goes
+
+    pruned = apply_surgery(model, groups, keep, x, verify=True).eval()
+
+    attn, original = pruned.stages[2].blocks[0].attn, model.stages[2].blocks[0].attn
+    assert (attn.num_heads, attn.out_dim) == (original.num_heads - 1, original.out_dim - original.val_dim)
+    assert torch.equal(attn.attention_biases, original.attention_biases[[0, 2, 3, 4]])
+    with torch.no_grad():
+        actual = pruned(x)
+    expected = gated_output(model, groups, keep, x)
+    torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4 * max(1.0, float(expected.abs().max())))
+    save_pruned(pruned, tmp_path / "tiny_vit", builder="timm:tiny_vit_5m_224", builder_kwargs=kwargs)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "tiny_vit").eval()(x), actual)

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from pnp.core.attention import head_layout
+from pnp.core.attention import HeadLayout, head_layout
 
 CONV = "conv"
 DEPTHWISE = "depthwise"
@@ -191,8 +191,8 @@ def layer_costs(model: nn.Module, example_inputs, groups, flows=None) -> list[La
         elif kind == ATTENTION:
             layout = head_layout(module, name)
             n_in = n_out = module.num_heads
-            spatial = sum(_attention_flops_per_head(i, layout.head_dim) for i, _ in seen) / batch
-            kernel = sum(getattr(module, p).numel() for p in layout.per_head) / n_out
+            spatial = sum(_attention_flops_per_head(i, layout) for i, _ in seen) / batch
+            kernel = sum(getattr(module, p).numel() for p, _ in layout.per_head) / n_out
         else:
             n_in, n_out = module.in_channels, module.out_channels
             spatial = sum(_numel(o) / (batch * n_out) for _, o in seen)
@@ -228,18 +228,18 @@ def params_outside_layers(model: nn.Module) -> int:
         kind = _counted_kind(m)
         if kind in (CONV, DEPTHWISE, LINEAR, NORM):
             continue
-        per_head = head_layout(m, "").per_head if kind == ATTENTION else ()
+        per_head = {p for p, _ in head_layout(m, "").per_head} if kind == ATTENTION else set()
         total += sum(p.numel() for n, p in m.named_parameters(recurse=False) if n not in per_head)
     return total
 
 
-def _attention_flops_per_head(in_shape, head_dim: int) -> float:
+def _attention_flops_per_head(in_shape, layout: HeadLayout) -> float:
     """One head's attention core on ``[windows x batch, tokens, channels]``: query scaling, QK^T, softmax, AV.
 
     As torch-pruning counts timm's attention, less the projections (counted as Linear layers).
     """
     tokens = in_shape[1]
-    return _numel(in_shape[:-1]) * (head_dim + tokens * (2 * head_dim + 1))
+    return _numel(in_shape[:-1]) * (layout.key_dim + tokens * (layout.key_dim + layout.val_dim + 1))
 
 
 def _channel_dim_of_flow(carried, groups, modules) -> int:
@@ -511,7 +511,7 @@ def _attention_flops_hook(module, args, output) -> None:
     torch-pruning's counter for timm's attention counts ``proj`` as square
     (``attn_dim x attn_dim``), which no longer holds once heads are removed.
     """
-    module.__flops__ += int(_attention_flops_per_head(tuple(args[0].shape), head_layout(module, "").head_dim) * module.num_heads)
+    module.__flops__ += int(_attention_flops_per_head(tuple(args[0].shape), head_layout(module, "")) * module.num_heads)
 
 
 def _batch_size(inputs) -> int:

@@ -712,9 +712,10 @@ def _attention_heads(layout: HeadLayout, tp_group, names: dict, ignored: set, mi
                 "head by head (a norm within heads, a gate)")
     if layout.num_heads < min_size:
         return f"attention layer {layout.layer!r} has {layout.num_heads} head(s), fewer than min_size={min_size}"
+    qkv_heads, proj_heads = layout.qkv_heads(), layout.proj_heads()
     members = (
-        ChannelMember(layout.qkv, OUT, torch.arange(3 * layout.num_heads * layout.head_dim), layout.qkv_heads()),
-        ChannelMember(layout.proj, IN, torch.arange(layout.num_heads * layout.head_dim), layout.proj_heads()),
+        ChannelMember(layout.qkv, OUT, torch.arange(len(qkv_heads)), qkv_heads),
+        ChannelMember(layout.proj, IN, torch.arange(len(proj_heads)), proj_heads),
     )
     return ChannelGroup(layout.qkv, layout.num_heads, members, unit="head")
 

@@ -12,8 +12,8 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from pnp.core.attention import head_layouts, resize_attention
-from pnp.core.groups import OUT, ChannelGroups, build_dependency_graph, first_tensor, legalize_keep, run_model
-from pnp.core.handlers import handler_for
+from pnp.core.groups import IN, OUT, ChannelGroups, build_dependency_graph, first_tensor, legalize_keep, run_model
+from pnp.core.handlers import handler_for, shrink_module
 from pnp.core.sections import SizeAttribute, resize_sections
 
 
@@ -153,18 +153,14 @@ def _remove_channels(model: nn.Module, groups: ChannelGroups, keep: Mapping[str,
     with graph.channels_unchanged():
         for g in groups:
             dropped = g.root_channels(~keep[g.name]).tolist()
-            if not dropped:
+            if not dropped or g.unit == "head":
                 continue
             root = modules[g.name]
             pruner = graph.get_pruner_of_module(root)
-            # heads: torch-pruning would also map head channels onto per-head tables; resize_attention cuts those
-            only = {m.module for m in g.members} if g.unit == "head" else None
             for item in graph.get_pruning_group(root, pruner.prune_out_channels, dropped):
                 dep = item.dep
                 if dep.target.type != tp.ops.OPTYPE.PARAMETER and dep.target.module not in graph._module2name:
                     continue  # graph-only ops (concat, split, add): nothing to cut
-                if only is not None and graph._module2name.get(dep.target.module) not in only:
-                    continue
                 _, channels = removals.setdefault((dep.target, dep.handler), (dep, set()))
                 channels.update(int(i) for i in item.idxs)
     merged = tp.dependency.Group()
@@ -172,6 +168,24 @@ def _remove_channels(model: nn.Module, groups: ChannelGroups, keep: Mapping[str,
     for dep, channels in removals.values():
         merged.add_dep(dep, sorted(channels))
     merged.prune(record_history=False)
+    _remove_heads(model, groups, keep)
+
+
+def _remove_heads(model: nn.Module, groups: ChannelGroups, keep: Mapping[str, torch.Tensor]) -> None:
+    """Cut each attention-head group's layers by the heads their channels belong to.
+
+    torch-pruning maps channels through the reshape into heads as if they kept their
+    place (and onto per-head tables, which resize_attention cuts); the members say
+    which head each channel of ``qkv`` and ``proj`` belongs to. A head group is a
+    layer's only group on its side, so the cut does not meet the other groups'.
+    """
+    modules = dict(model.named_modules())
+    for g in groups:
+        if g.unit != "head" or bool(keep[g.name].all()):
+            continue
+        for m in g.members:  # each member lists every channel of its side
+            kept = m.indices[keep[g.name][m.root_indices]].tolist()
+            shrink_module(modules[m.module], kept if m.side == OUT else None, kept if m.side == IN else None)
 
 
 def _check_widths(pruned: nn.Module, spec: ChannelSpec) -> None:
