@@ -179,3 +179,28 @@ def test_precomputed_teacher_outputs_train_as_the_live_teacher_does(tmp_path):
 def small_net_for(side):
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * ((side - 3) // 2 + 1) ** 2, 10))
+
+
+def test_a_strided_1x1_convolution_over_few_channels_trains_in_the_usual_layout(capsys):
+    """oneDNN's channels-last weight gradient of such a layer corrupts memory: the module keeps the usual layout."""
+    from pnp.training.layout import channels_last_hazard
+
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            seen.append(x.is_contiguous())
+            return x
+
+    pl.seed_everything(0)
+    model = nn.Sequential(Spy(), nn.Conv2d(3, 7, 3, padding=1), nn.ReLU(), nn.Conv2d(7, 8, 1, stride=2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    assert "'3'" in channels_last_hazard(model) and "7 input channels" in channels_last_hazard(model)
+    assert channels_last_hazard(nn.Conv2d(16, 8, 1, stride=2)) is None
+    assert channels_last_hazard(nn.Conv2d(7, 8, 1, stride=1)) is None
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(32, 3, 8, 8, generator=g), torch.randint(0, 4, (32,), generator=g)),
+                        batch_size=16)
+    trainer().fit(ClassifierModule(model, lr=0.05, epochs=1, channels_last=True), loader)
+    assert seen and all(seen)  # every batch stayed in the usual layout
+    assert "training in the usual memory layout, not channels-last" in capsys.readouterr().out

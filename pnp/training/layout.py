@@ -4,16 +4,36 @@ oneDNN on a CPU (and cuDNN on recent GPUs) runs convolutions faster on
 channels-last tensors: measured on a 2-core CPU at batch 128, one training step
 is x1.7 faster on LeNet-5, x1.3 on ResNet-20 and x1.9 on MobileNetV2. Both the
 4-D weights and the image batches must be in that layout to gain.
+
+One case is left to the usual layout: a strided 1x1 convolution over 2 to 15
+input channels, which pruned ResNets' shortcuts often become. oneDNN's
+channels-last kernel for its weight gradient writes past its workspace when the
+input channels are fewer than its channel block (8 with AVX2, 16 with AVX-512;
+oneDNN issue #6035): measured here, heap corruption or a hang with 2 to 7
+channels. A model holding such a layer trains in the usual layout, and says so.
 """
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
+import torch.nn as nn
 from lightning_utilities.core.apply_func import apply_to_collection
 
 # the trainer section's default (trainer.channels_last) and the Lightning modules' alike
 CHANNELS_LAST = True
+
+
+def channels_last_hazard(model: nn.Module) -> str | None:
+    """Why ``model`` must not train channels-last (a layer oneDNN's kernels mistrain in it), or None."""
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d) or tuple(module.kernel_size) != (1, 1) or max(module.stride) == 1:
+            continue
+        channels = module.in_channels // module.groups
+        if 1 < channels < 16:
+            return (f"{name!r} is a strided 1x1 convolution over {channels} input channels, whose channels-last "
+                    "weight gradient oneDNN computes wrongly below 16 channels (oneDNN issue #6035)")
+    return None
 
 
 def channels_last_batch(batch):
@@ -39,14 +59,24 @@ class ChannelsLastModule(pl.LightningModule):
     def __init__(self, channels_last: bool = CHANNELS_LAST):
         super().__init__()
         self.channels_last = bool(channels_last)
+        self._in_channels_last = False
 
     def setup(self, stage: str) -> None:
-        if self.channels_last:
-            self.to(memory_format=torch.channels_last)
+        self._in_channels_last = False
+        if not self.channels_last:
+            return
+        hazard = channels_last_hazard(self)
+        if hazard is not None:
+            if self._trainer is None or self.trainer.is_global_zero:
+                print(f"[pnp] training in the usual memory layout, not channels-last: {hazard}", flush=True)
+            return
+        self.to(memory_format=torch.channels_last)
+        self._in_channels_last = True
 
     def teardown(self, stage: str) -> None:
-        if self.channels_last:
+        if self._in_channels_last:
             self.to(memory_format=torch.contiguous_format)
+            self._in_channels_last = False
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        return channels_last_batch(batch) if self.channels_last else batch
+        return channels_last_batch(batch) if self._in_channels_last else batch
