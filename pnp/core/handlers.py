@@ -335,13 +335,21 @@ def _update_index_mapping_unless_current(graph) -> None:
         _tp_update_index_mapping(graph)
 
 
-# torch-pruning's graph calls index_mapping.update_index_mapping(self) by module
-# attribute; the wrapper changes nothing for graphs outside channels_unchanged().
-_tp_update_index_mapping = getattr(
-    tp_graph.index_mapping.update_index_mapping, "pnp_wrapped", tp_graph.index_mapping.update_index_mapping
-)
-_update_index_mapping_unless_current.pnp_wrapped = _tp_update_index_mapping
-tp_graph.index_mapping.update_index_mapping = _update_index_mapping_unless_current
+def _patch_index_mapping(name: str, replacement):
+    """Install ``replacement`` as torch-pruning's ``index_mapping.<name>``; returns torch-pruning's own function.
+
+    torch-pruning's graph calls these functions by module attribute. Re-importing pnp
+    wraps the original again, not the previous wrapper.
+    """
+    original = getattr(tp_graph.index_mapping, name)
+    original = getattr(original, "pnp_wrapped", original)
+    replacement.pnp_wrapped = original
+    setattr(tp_graph.index_mapping, name, replacement)
+    return original
+
+
+# changes nothing for graphs outside channels_unchanged()
+_tp_update_index_mapping = _patch_index_mapping("update_index_mapping", _update_index_mapping_unless_current)
 
 
 _UNMAPPED_CONCAT = ("its channels pass through a concatenation whose input widths torch-pruning cannot infer "
@@ -395,21 +403,20 @@ def _map_concat(node, sizes) -> None:
         offsets.append(offsets[-1] + width)
     node.module.offsets = offsets
     for i, source in enumerate(node.inputs):
-        place = offsets[i:i + 2]
-        for dep in node.dependencies:
-            if dep.target is source:
-                dep.index_mapping[1] = tp_graph.index_mapping._ConcatIndexMapping(offset=place, reverse=True)
-        for dep in source.dependencies:
-            if dep.target is node:
-                dep.index_mapping[1] = tp_graph.index_mapping._ConcatIndexMapping(offset=place, reverse=False)
+        _map_edges(node, source, 1, tp_graph.index_mapping._ConcatIndexMapping, offsets[i:i + 2], reverse=True)
 
 
-_tp_update_concat_index_mapping = getattr(
-    tp_graph.index_mapping.update_concat_index_mapping, "pnp_wrapped",
-    tp_graph.index_mapping.update_concat_index_mapping,
-)
-_update_concat_index_mapping_or_mark.pnp_wrapped = _tp_update_concat_index_mapping
-tp_graph.index_mapping.update_concat_index_mapping = _update_concat_index_mapping_or_mark
+def _map_edges(node, other, slot: int, mapping, offset, reverse: bool) -> None:
+    """Set the index map at ``slot`` of both edges between ``node`` and ``other`` (``reverse`` from ``node``'s side)."""
+    for dep in node.dependencies:
+        if dep.target is other:
+            dep.index_mapping[slot] = mapping(offset=offset, reverse=reverse)
+    for dep in other.dependencies:
+        if dep.target is node:
+            dep.index_mapping[slot] = mapping(offset=offset, reverse=not reverse)
+
+
+_tp_update_concat_index_mapping = _patch_index_mapping("update_concat_index_mapping", _update_concat_index_mapping_or_mark)
 
 
 def _update_split_index_mapping_by_section(graph, node) -> None:
@@ -434,20 +441,10 @@ def _update_split_index_mapping_by_section(graph, node) -> None:
                                  "sections, so their positions are unknown")
             continue
         section = offsets[sections.pop():][:2]
-        for dep in node.dependencies:
-            if dep.target is out:
-                dep.index_mapping[0] = tp_graph.index_mapping._SplitIndexMapping(offset=section, reverse=False)
-        for dep in out.dependencies:
-            if dep.target is node:
-                dep.index_mapping[0] = tp_graph.index_mapping._SplitIndexMapping(offset=section, reverse=True)
+        _map_edges(node, out, 0, tp_graph.index_mapping._SplitIndexMapping, section, reverse=False)
 
 
-_tp_update_split_index_mapping = getattr(
-    tp_graph.index_mapping.update_split_index_mapping, "pnp_wrapped",
-    tp_graph.index_mapping.update_split_index_mapping,
-)
-_update_split_index_mapping_by_section.pnp_wrapped = _tp_update_split_index_mapping
-tp_graph.index_mapping.update_split_index_mapping = _update_split_index_mapping_by_section
+_tp_update_split_index_mapping = _patch_index_mapping("update_split_index_mapping", _update_split_index_mapping_by_section)
 
 
 def _keeps_channels(grad_fn) -> bool:
