@@ -740,3 +740,62 @@ def test_inheritance_keeps_the_learned_widths_and_takes_the_criterions_channels(
     assert {k: len(v) for k, v in a.items()} == {k: len(v) for k, v in b.items()}  # the same architecture
     assert a != b  # filled with other channels
     assert inherited.pnp_metadata["readout"]["inherit"] == "magnitude"
+
+
+def test_auto_inheritance_keeps_the_learned_widths_and_takes_the_best_candidates_channels(pruned_setup, tmp_path, capsys):
+    """Each candidate trains briefly on training images, and is scored on others: the validation split stays unseen."""
+    from pnp.detection.pipeline import prune_baseline
+
+    cfg, detector, groups, _, _ = pruned_setup
+    out = tmp_path / "run"
+    save_pruned_detector(detector, cfg, out / "baseline")
+    scores = {g.name: torch.rand(g.size, generator=torch.Generator().manual_seed(3)) for g in groups}
+    auto = load_pruned_detector(prune_baseline(cfg, out, 0.5, scores=scores, name="auto", inherit="auto",
+                                               lookahead_iters=2, lookahead_images=3))
+    record = auto.pnp_metadata["readout"]["inheritance"]
+    tried = record["lookahead_AP"]
+    assert list(tried) == ["learned", "l1", "magnitude"] and record["skipped"] == {} and record["steps"] == 2
+    assert record["choice"] == max(tried, key=tried.get)  # the best, the earlier on a tie
+    assert record["evaluated_on"] == "3 training images the look-ahead did not train on"
+    assert f"weights inherited from the {record['choice']!r} channels" in capsys.readouterr().out
+    assert load(out / "logs" / "auto" / "keep.json")["readout"]["inheritance"]["choice"] == record["choice"]
+
+    fixed = load_pruned_detector(prune_baseline(cfg, out, 0.5, scores=scores, name="fixed", inherit=record["choice"]))
+    learned = load_pruned_detector(prune_baseline(cfg, out, 0.5, scores=scores, name="learned"))
+    assert auto.pnp_channel_spec.groups == fixed.pnp_channel_spec.groups  # the chosen candidate's channels
+    assert {k: len(v) for k, v in auto.pnp_channel_spec.groups.items()} == {
+        k: len(v) for k, v in learned.pnp_channel_spec.groups.items()}  # at the learned widths
+
+    lookahead = out / "logs" / "auto" / "lookahead"
+    assert sorted(p.name for p in lookahead.iterdir()) == ["l1", "learned", "magnitude"]
+    assert not list(lookahead.glob("*/model_*.pth"))  # the candidates' checkpoints go
+    split = {n.rsplit("_", 1)[1]: DatasetCatalog.get(n) for n in DatasetCatalog.list()
+             if n.startswith(f"{cfg.DATASETS.TRAIN[0]}_lookahead_")}
+    held_out = {d["file_name"] for d in split["heldout"]}
+    assert len(held_out) == 3 and held_out.isdisjoint(d["file_name"] for d in split["train"])
+    assert len(split["train"]) + 3 == len(DatasetCatalog.get(cfg.DATASETS.TRAIN[0]))
+    settings = {n: load(out / "logs" / n / "stage.json")["config"] for n in ("auto", "learned")}
+    assert settings["auto"]["inherit"] == "auto" and settings["auto"]["lookahead_iters"] == 2
+    assert not {"inherit", "inherit_candidates", "lookahead_iters"} & set(settings["learned"])  # older records still match
+
+
+def test_bad_lookahead_settings_are_named():
+    from pnp.cli import detection as cli
+    from pnp.detection.pipeline import DetectionRecipe, prune_baseline
+
+    parse = cli.argument_parser().parse_args
+    auto = cli.recipe_of(parse(["--dataset-dir", "d", "--inherit", "auto", "--inherit-candidates", "l1", "learned",
+                                "--lookahead-iters", "5"]))
+    assert (auto.inherit, auto.inherit_candidates, auto.lookahead_iters) == ("auto", ("l1", "learned"), 5)
+    with pytest.raises(ValueError, match="^--lookahead-iters 0 must be at least 1"):
+        cli.recipe_of(parse(["--dataset-dir", "d", "--inherit", "auto", "--lookahead-iters", "0"]))
+    with pytest.raises(ValueError, match="^--lookahead-images -1 must be at least 1"):
+        cli.recipe_of(parse(["--dataset-dir", "d", "--lookahead-images", "-1"]))
+    with pytest.raises(ValueError, match="^inherit_candidates has 'taylor', which is not one of"):
+        DetectionRecipe(inherit="auto", inherit_candidates=("learned", "taylor")).check()
+    with pytest.raises(ValueError, match="^inherit_candidates is empty"):
+        DetectionRecipe(inherit="auto", inherit_candidates=()).check()
+    with pytest.raises(ValueError, match="^lookahead_iters 0 must be at least 1"):  # before any stage work
+        prune_baseline(None, "unused", 0.5, inherit="auto", lookahead_iters=0)
+    with pytest.raises(ValueError, match="^inherit 'best' is not one of"):
+        prune_baseline(None, "unused", 0.5, inherit="best")

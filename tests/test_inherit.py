@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pnp
 from pnp.core.readout import reselect_keep
-from pnp.training.inherit import candidate_keeps, check_inherit, choose_inheritance, lookahead_accuracy
+from pnp.training.inherit import candidate_keeps, check_inherit, choose_inheritance, lookahead_accuracy, select_inheritance
 
 
 class TinyCNN(nn.Module):
@@ -91,12 +91,32 @@ def test_lookahead_chooses_the_channels_that_fine_tune_better(setup):
         model, groups, keep, example, ["learned", "l1"], train_loader, held_out, steps=40, lr=0.1
     )
     assert chosen.choice == "l1"
-    assert chosen.accuracy["l1"] > 90.0
-    assert chosen.accuracy["learned"] < 65.0  # no better than guessing the majority class
+    assert chosen.scores["l1"] > 90.0
+    assert chosen.scores["learned"] < 65.0  # no better than guessing the majority class
     assert chosen.keep["conv"].tolist() == [False] * 4 + [True] * 4
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the target was changed"
     again = choose_inheritance(model, groups, keep, example, ["learned", "l1"], train_loader, held_out, steps=40, lr=0.1)
-    assert again.accuracy == chosen.accuracy  # same batches, same seed: the same comparison
+    assert again.scores == chosen.scores  # same batches, same seed: the same comparison
+
+
+def test_selection_takes_the_best_score_and_on_a_tie_the_earlier_candidate():
+    """The choice any task's look-ahead feeds: every candidate scored once, in order; skipped ones recorded."""
+    keeps = {name: {"conv": torch.arange(4) % (i + 2) == 0} for i, name in enumerate(["learned", "l1", "magnitude"])}
+    scored = []
+
+    def score(name, keep):
+        scored.append(name)
+        return {"learned": 30.0, "l1": 52.5, "magnitude": 52.5}[name]
+
+    chosen = select_inheritance(keeps, score, {"bn_scale": "no BatchNorm"}, steps=7, metric="AP")
+    assert scored == ["learned", "l1", "magnitude"]
+    assert chosen.choice == "l1" and torch.equal(chosen.keep["conv"], keeps["l1"]["conv"])
+    assert chosen.to_dict() == {"choice": "l1", "lookahead_AP": {"learned": 30.0, "l1": 52.5, "magnitude": 52.5},
+                                "skipped": {"bn_scale": "no BatchNorm"}, "steps": 7}
+    level = select_inheritance(keeps, lambda name, keep: 0.0)
+    assert level.choice == "learned" and set(level.to_dict()) == {"choice", "lookahead_accuracy", "skipped", "steps"}
+    with pytest.raises(ValueError, match=r"none of the inheritance candidates \['bn_scale'\] applies"):
+        select_inheritance({}, score, {"bn_scale": "no BatchNorm"})
 
 
 def test_lookahead_trains_the_model(setup):

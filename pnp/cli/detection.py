@@ -22,7 +22,7 @@ def argument_parser() -> argparse.ArgumentParser:
     from detectron2.engine import default_argument_parser
 
     from pnp.detection.modeling import DEPTHS, META_ARCHITECTURES
-    from pnp.detection.pipeline import STAGES, DetectionRecipe
+    from pnp.detection.pipeline import INHERIT_SOURCES, STAGES, DetectionRecipe
     from pnp.detection.pruning import SCOPES
 
     p = default_argument_parser()
@@ -43,7 +43,12 @@ def argument_parser() -> argparse.ArgumentParser:
         ("--round-to", int, "keep channel counts multiples of this"),
         ("--min-channels", int, "keep at least this many channels in every group"),
         ("--min-share", float, "no group under this share of the uniform keep ratio at the budget (0: no floor)"),
-        ("--inherit", str, "which channels fill the learned widths: the pruner's picks or a criterion's"),
+        ("--inherit", str, "which channels fill the learned widths: the pruner's picks, a criterion's, or auto: the best "
+                           "of --inherit-candidates after --lookahead-iters training iterations each"),
+        ("--inherit-candidates", str, "what --inherit auto tries"),
+        ("--lookahead-iters", int, "--inherit auto: training iterations per candidate, at the fine-tuning learning rate"),
+        ("--lookahead-images", int, "--inherit auto: training images (at most half) held out of its training, on "
+                                    "which the candidates' box AP is compared"),
         ("--pruner-iters", int, "pruner training iterations"),
         ("--pruner-lr", float, "pruner learning rate"),
         ("--sparsity-weight", float, "weight of the pruner's sparsity term"),
@@ -52,16 +57,18 @@ def argument_parser() -> argparse.ArgumentParser:
         ("--finetune-iters", int, "fine-tuning iterations (default: SOLVER.MAX_ITER)"),
         ("--finetune-lr", float, "fine-tuning learning rate (default: SOLVER.BASE_LR)"),
     ]
-    choices = {"--scope": list(SCOPES), "--inherit": ["learned", "l1", "magnitude"]}
+    choices = {"--scope": list(SCOPES), "--inherit": [*INHERIT_SOURCES, "auto"], "--inherit-candidates": list(INHERIT_SOURCES)}
+    nargs = {"--inherit-candidates": "+"}
     for flag, kind, text in flags:
         default = getattr(recipe, flag[2:].replace("-", "_"))
-        p.add_argument(flag, type=kind, default=None, choices=choices.get(flag),
+        p.add_argument(flag, type=kind, default=None, choices=choices.get(flag), nargs=nargs.get(flag),
                        help=f"{text} (default: {default})" if default is not None else text)
     return p
 
 
-RECIPE_FLAGS = ("budget", "scope", "round_to", "min_channels", "min_share", "inherit", "pruner_iters", "pruner_lr", "sparsity_weight",
-                "kd_fpn", "kd_cls", "finetune_iters", "finetune_lr")
+RECIPE_FLAGS = ("budget", "scope", "round_to", "min_channels", "min_share", "inherit", "inherit_candidates", "lookahead_iters",
+                "lookahead_images", "pruner_iters", "pruner_lr", "sparsity_weight", "kd_fpn", "kd_cls", "finetune_iters",
+                "finetune_lr")
 
 
 def recipe_of(args: argparse.Namespace):
@@ -69,6 +76,8 @@ def recipe_of(args: argparse.Namespace):
     from pnp.detection.pipeline import DetectionRecipe
 
     given = {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None}
+    if "inherit_candidates" in given:  # a list from the command line; the recipe holds a tuple
+        given["inherit_candidates"] = tuple(given["inherit_candidates"])
     recipe = DetectionRecipe(**given)
     if "kd_cls" not in given:
         recipe = recipe.for_architecture(args.meta_architecture)

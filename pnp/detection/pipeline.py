@@ -19,6 +19,7 @@ refused rather than overwritten.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -41,12 +42,16 @@ from pnp.core.io import (
     KEEP_FILE, KEEP_SCORES_FILE, content_digest, load_keep_scores, save_keep_scores, save_tensors_atomic,
     write_json_atomic, write_keep_decisions,
 )
+from pnp.core.criteria import CRITERIA
+from pnp.training.inherit import AUTO, LEARNED, Inheritance, keeps_by_candidate, select_inheritance
 from pnp.training.report import format_count, render_table
 from pnp.training.runs import StageDir, is_global_zero
 
 STAGES = ("train", "prune-train", "prune", "finetune")
 PRUNER_WEIGHTS = "pruner.safetensors"
 REPORT_COLUMNS = (("baseline", "baseline"), ("pruned", "pruned"), ("finetuned", "fine-tuned"))
+# what can fill the learned widths: the pruner's picks, or a criterion that needs no loss gradients
+INHERIT_SOURCES = (LEARNED, *(name for name, c in CRITERIA.items() if not c.needs_gradients))
 
 
 def register_splits(dataset_dir: str | Path, num_images: int | None = None, image_size: int = 128,
@@ -260,16 +265,25 @@ def read_scores(out: str | Path) -> dict[str, torch.Tensor]:
 
 def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "detector",
                    scores: dict[str, torch.Tensor] | None = None, name: str = "pruned", inherit: str = "learned",
-                   **readout) -> Path:
+                   inherit_candidates: Sequence[str] | None = None, lookahead_iters: int | None = None,
+                   lookahead_images: int | None = None, lookahead_lr: float | None = None, **readout) -> Path:
     """Read out keep scores at ``budget`` (fraction of the ``scope``'s FLOPs), cut ``out/baseline``; write ``out/<name>``.
 
     ``scores`` default to ``out/pruner``'s; a criterion's scores (``pnp.core.criteria``)
     go through the same read-out and surgery. ``inherit`` chooses which channels fill
-    the widths read out: ``"learned"`` (the scores' own picks) or a data-free
-    criterion (``"l1"``, ``"magnitude"``), as the classification stages' weight
-    inheritance does. ``readout`` goes to :func:`decide_detector_keep` (``round_to``,
-    ``min_channels``, ``fill``).
+    the widths read out: ``"learned"`` (the scores' own picks), a data-free
+    criterion (``"l1"``, ``"magnitude"``), or ``"auto"``: the best of
+    ``inherit_candidates`` after a short training look-ahead
+    (:func:`lookahead_inheritance`: ``lookahead_iters`` iterations at ``lookahead_lr``,
+    default ``SOLVER.BASE_LR``, box AP on ``lookahead_images`` held-out training
+    images), as the classification stages' weight inheritance does. What is left
+    None is :class:`DetectionRecipe`'s default. ``readout`` goes to
+    :func:`decide_detector_keep` (``round_to``, ``min_channels``, ``fill``).
     """
+    given_lookahead = {"inherit_candidates": None if inherit_candidates is None else tuple(inherit_candidates),
+                       "lookahead_iters": lookahead_iters, "lookahead_images": lookahead_images}
+    lookahead = replace(DetectionRecipe(inherit=inherit), **{k: v for k, v in given_lookahead.items() if v is not None})
+    lookahead.check()  # the recipe's checks name the field and value
     out = Path(out)
     cfg = _stage_cfg(cfg, out, name)
     given = scores is not None
@@ -284,15 +298,26 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
                              f"made for another detector or another scope than {scope!r}?")
         keep, info = decide_detector_keep(groups, keep_scores, budget=budget, scope=scope, **readout)
         info["left_out"] = dict(groups.excluded)
-        if inherit != "learned":
-            from pnp.core.readout import reselect_keep
+        learned = keep
+        if inherit == AUTO:
+            chosen, evaluated_on = lookahead_inheritance(cfg, out, name, detector, groups, keep, lookahead, lookahead_lr)
+            keep = chosen.keep
+            info["inheritance"] = {**chosen.to_dict(), "evaluated_on": evaluated_on, "channels_changed": {
+                g: int((learned[g].bool() & ~keep[g].bool()).sum()) for g in keep}}
+        elif inherit != LEARNED:
             from pnp.detection.pruning import rank_detector_channels
 
-            keep, _ = reselect_keep(groups, keep, rank_detector_channels(detector, groups, inherit))
+            keeps, skipped = keeps_by_candidate(groups, keep, [inherit],
+                                                functools.partial(rank_detector_channels, detector, groups))
+            if not keeps:
+                raise ValueError(f"inherit {inherit!r} does not apply to this detector: {skipped[inherit]}")
+            keep = keeps[inherit]
         info["inherit"] = inherit
         if is_global_zero():
             print(f"[pnp] {len(groups)} channel groups ({groups.total_channels} channels) pruned under one budget; "
                   f"left out: " + "; ".join(f"{n} ({why})" for n, why in groups.excluded.items()), flush=True)
+            if "inheritance" in info:
+                print(_inherit_line(info["inheritance"]), flush=True)
         pruned = prune_detector(detector, groups, keep)
         if is_global_zero():
             write_keep_decisions(out / "logs" / name / KEEP_FILE, groups, keep, _plain(info))
@@ -301,10 +326,89 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
     settings = stage_settings(cfg, budget=budget, scope=scope, **readout)
     if inherit != "learned":
         settings["inherit"] = inherit  # absent for the default, so records made before the option still match
+    if inherit == AUTO:  # what decides the look-ahead's choice; no record from before "auto" has these
+        settings.update(inherit_candidates=list(lookahead.inherit_candidates), lookahead_iters=int(lookahead.lookahead_iters),
+                        lookahead_images=int(lookahead.lookahead_images), lookahead_lr=lookahead_lr)
     if given:
         settings["scores"] = hashlib.sha256(json.dumps({k: v.tolist() for k, v in sorted(scores.items())}).encode()).hexdigest()[:16]
     inputs = [out / "baseline"] + ([] if given else [out / "pruner" / KEEP_SCORES_FILE])
     return run_stage(out, name, out / name, settings, inputs, run)
+
+
+def lookahead_inheritance(cfg, out: Path, name: str, detector: nn.Module, groups, keep: dict[str, torch.Tensor],
+                          recipe: "DetectionRecipe", base_lr: float | None = None) -> tuple[Inheritance, str]:
+    """Cut ``detector`` once per ``recipe.inherit_candidates``, train each briefly, take the best box AP.
+
+    Each candidate is trained for ``recipe.lookahead_iters`` iterations by
+    detectron2's trainer (:class:`DetectionTrainer`, the config's solver at
+    ``base_lr``, default ``SOLVER.BASE_LR``), every one from the same seed and so on
+    the same batches, with its logs in ``out/logs/<name>/lookahead/<candidate>``. The validation split is what the
+    report's AP is measured on, so the candidates are scored on training images
+    instead: ``recipe.lookahead_images`` of them (at most half), held out of the
+    look-ahead's training (:func:`_lookahead_splits`). Returns the choice
+    (:func:`pnp.training.inherit.select_inheritance`) and what it was evaluated on.
+    """
+    import_detectron2()
+    from detectron2.utils import comm
+
+    from pnp.detection.pruning import rank_detector_channels
+
+    stage_dir = out / "logs" / name
+    trained_on, scored_on, count = _lookahead_splits(cfg.DATASETS.TRAIN[0], recipe.lookahead_images, stage_dir)
+    keeps, skipped = keeps_by_candidate(groups, keep, recipe.inherit_candidates,
+                                        functools.partial(rank_detector_channels, detector, groups))
+    seeded = cfg.clone()
+    seeded.defrost()
+    seeded.SEED = max(int(cfg.SEED), 0)  # _stage_cfg seeds every generator: the same batches for every candidate
+
+    def score(candidate: str, candidate_keep) -> float:
+        run_cfg = _stage_cfg(seeded, out, f"{name}/lookahead/{candidate}", recipe.lookahead_iters, base_lr)
+        run_cfg.DATASETS.TRAIN, run_cfg.DATASETS.TEST = (trained_on,), ()
+        trainer = DetectionTrainer(run_cfg, model=prune_detector(detector, groups, candidate_keep))
+        trainer.train()
+        run_cfg.DATASETS.TEST = (scored_on,)
+        results = DetectionTrainer.test(run_cfg, trainer.student)  # rank 0 gathers every process's share
+        _drop_resume_checkpoints(Path(run_cfg.OUTPUT_DIR))
+        return _finite(results.get("bbox", {}).get("AP")) or 0.0  # COCOEvaluator's NaN: no detections at all
+
+    chosen = select_inheritance(keeps, score, skipped, steps=recipe.lookahead_iters, metric="AP")
+    chosen = comm.all_gather(chosen)[0]  # rank 0 scored every held-out image: its choice holds on every rank
+    return chosen, f"{count} training images the look-ahead did not train on"
+
+
+def _lookahead_splits(train: str, images: int, stage_dir: Path) -> tuple[str, str, int]:
+    """Register ``train`` less ``images`` evenly spaced images (at most half), and those images; and their count.
+
+    The names carry a digest of ``stage_dir``, whose look-ahead folders hold the
+    held-out images' COCO json that the evaluator writes.
+    """
+    import_detectron2()
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    total = len(DatasetCatalog.get(train))
+    if total < 2:
+        raise ValueError(f"inherit='auto' scores its candidates on training images it does not train on, but {train!r} "
+                         f"has {total} image(s); use more training images or a fixed inherit (e.g. 'learned')")
+    count = min(int(images), total // 2)
+    held_out = {i * total // count for i in range(count)}  # at least two apart: count <= total / 2
+    tag = hashlib.sha1(f"{stage_dir.resolve()}:{count}".encode()).hexdigest()[:8]
+    names = (f"{train}_lookahead_{tag}_train", f"{train}_lookahead_{tag}_heldout")
+    metadata = {k: v for k, v in MetadataCatalog.get(train).as_dict().items() if k not in ("name", "json_file")}
+    for split, scored in zip(names, (False, True)):
+        if split not in DatasetCatalog.list():
+            DatasetCatalog.register(split, lambda scored=scored: [
+                d for i, d in enumerate(DatasetCatalog.get(train)) if (i in held_out) == scored])
+            MetadataCatalog.get(split).set(**metadata)
+    return names[0], names[1], count
+
+
+def _inherit_line(record: dict) -> str:
+    tried = ", ".join(f"{n} {ap:.2f}" for n, ap in record["lookahead_AP"].items())
+    skipped = f"; skipped {', '.join(record['skipped'])}" if record["skipped"] else ""
+    changed = sum(record["channels_changed"].values())
+    return (f"[pnp] weights inherited from the {record['choice']!r} channels (after {record['steps']} training "
+            f"iterations each, box AP on {record['evaluated_on']}: {tried}{skipped}); {changed} kept channels differ "
+            "from the pruner's picks")
 
 
 def criterion_scores(cfg, out: str | Path, criterion: str, scope: str = "detector") -> dict[str, torch.Tensor]:
@@ -433,7 +537,10 @@ class DetectionRecipe:
     round_to: int = 8  # channel counts in multiples of this (CPU kernels run faster)
     min_channels: int = 1
     min_share: float = MIN_SHARE  # no group under this share of the uniform keep ratio at the budget
-    inherit: str = "learned"  # which channels fill the learned widths: the pruner's or a criterion's
+    inherit: str = "learned"  # which channels fill the learned widths: the pruner's, a criterion's, or "auto"
+    inherit_candidates: tuple[str, ...] = ("learned", "l1", "magnitude")  # what inherit="auto" tries
+    lookahead_iters: int = 100  # inherit="auto": training iterations per candidate, at the fine-tuning lr
+    lookahead_images: int = 64  # inherit="auto": training images held out to score the candidates on (box AP)
     pruner_iters: int = 100
     pruner_lr: float = 1e-3
     sparsity_weight: float = 1.0
@@ -446,9 +553,16 @@ class DetectionRecipe:
         """Raise ValueError naming the field and value for what no stage could use."""
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise ValueError(f"budget {self.budget} is outside (0, 1]: it is the fraction of FLOPs to keep, e.g. 0.5")
-        for name in ("pruner_iters", "round_to", "min_channels"):
+        for name in ("pruner_iters", "round_to", "min_channels", "lookahead_iters", "lookahead_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} {getattr(self, name)} must be at least 1")
+        if self.inherit not in (*INHERIT_SOURCES, AUTO):
+            raise ValueError(f"inherit {self.inherit!r} is not one of {[*INHERIT_SOURCES, AUTO]}")
+        if not self.inherit_candidates:
+            raise ValueError(f"inherit_candidates is empty: name at least one of {list(INHERIT_SOURCES)} for inherit='auto'")
+        for name in self.inherit_candidates:
+            if name not in INHERIT_SOURCES:
+                raise ValueError(f"inherit_candidates has {name!r}, which is not one of {list(INHERIT_SOURCES)}")
         if not 0.0 <= self.min_share <= 1.0:
             raise ValueError(f"min_share {self.min_share} is outside [0, 1]: it is the share of the uniform keep "
                              "ratio every group keeps at least (0: no floor)")
@@ -480,8 +594,10 @@ def run_stages(stages: Sequence[str], cfg, out: str | Path, recipe: DetectionRec
             train_detector_pruner(cfg, out, r.pruner_iters, r.budget, lr=r.pruner_lr, sparsity_weight=r.sparsity_weight,
                                   scope=r.scope)
         elif stage == "prune":
-            prune_baseline(cfg, out, r.budget, scope=r.scope, inherit=r.inherit, round_to=r.round_to,
-                           min_channels=r.min_channels, min_share=r.min_share)
+            prune_baseline(cfg, out, r.budget, scope=r.scope, inherit=r.inherit, inherit_candidates=r.inherit_candidates,
+                           lookahead_iters=r.lookahead_iters, lookahead_images=r.lookahead_images,
+                           lookahead_lr=r.finetune_lr, round_to=r.round_to, min_channels=r.min_channels,
+                           min_share=r.min_share)
         else:
             finetune_pruned(cfg, out, r.kd_fpn, r.kd_cls, r.finetune_iters, r.finetune_lr)
         durations[stage] = round(time.perf_counter() - start, 2)

@@ -8,10 +8,12 @@ point higher than from the pruner's own picks, though they started 40 points
 lower (the README has the figures). AdaPruner (Liu et al., 2021) makes the same
 observation and picks the weight-inheritance criterion per architecture.
 
-:func:`choose_inheritance` does this: every candidate (``"learned"``, the
-pruner's picks, or a :mod:`pnp.core.criteria` name) keeps the learned widths;
-each is cut and fine-tuned briefly on the same batches, and the one with the
-best held-out accuracy is taken.
+:func:`select_inheritance` is the choice, for any task: every candidate
+(``"learned"``, the pruner's picks, or a :mod:`pnp.core.criteria` name) keeps the
+learned widths (:func:`keeps_by_candidate`); the task scores each by a look-ahead
+(cut, fine-tune briefly on the same batches, evaluate on held-out data) and the
+best score is taken. :func:`choose_inheritance` is that look-ahead for
+classification; the detection stages (:mod:`pnp.detection.pipeline`) have theirs.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -50,16 +52,66 @@ def check_inherit(choice: str, candidates: Sequence[str]) -> None:
 
 @dataclass
 class Inheritance:
-    """What :func:`choose_inheritance` decided, and why."""
+    """What :func:`select_inheritance` decided, and why."""
 
     choice: str
     keep: dict[str, torch.Tensor]
-    accuracy: dict[str, float] = field(default_factory=dict)  # look-ahead accuracy per candidate, %
+    scores: dict[str, float] = field(default_factory=dict)  # look-ahead score per candidate (higher is better)
     skipped: dict[str, str] = field(default_factory=dict)  # candidate -> why it could not be tried
-    steps: int = 0
+    steps: int = 0  # training steps of each candidate's look-ahead
+    metric: str = "accuracy"  # what the scores measure: classification's accuracy (%), detection's box AP
 
     def to_dict(self) -> dict:
-        return {"choice": self.choice, "lookahead_accuracy": self.accuracy, "skipped": self.skipped, "steps": self.steps}
+        return {"choice": self.choice, f"lookahead_{self.metric}": self.scores, "skipped": self.skipped, "steps": self.steps}
+
+
+def select_inheritance(
+    keeps: Mapping[str, Mapping[str, torch.Tensor]],
+    score: Callable[[str, Mapping[str, torch.Tensor]], float],
+    skipped: Mapping[str, str] | None = None,
+    steps: int = 0,
+    metric: str = "accuracy",
+) -> Inheritance:
+    """The candidate whose keep decisions ``score(name, keep)`` rates highest; ties go to the earlier candidate.
+
+    ``score`` is the task's look-ahead: cut the target to ``keep``, fine-tune it
+    briefly (every candidate on the same batches, from the same seed) and evaluate
+    it on held-out data; higher is better. ``skipped`` (candidates that do not
+    apply, with why), ``steps`` and ``metric`` are recorded with the choice.
+    """
+    skipped = dict(skipped or {})
+    if not keeps:
+        raise ValueError(f"none of the inheritance candidates {list(skipped)} applies to this model: {skipped}")
+    scores = {name: float(score(name, keep)) for name, keep in keeps.items()}
+    order = list(scores)
+    best = max(order, key=lambda n: (scores[n], -order.index(n)))
+    return Inheritance(best, dict(keeps[best]), scores, skipped, int(steps), metric)
+
+
+def keeps_by_candidate(
+    groups: ChannelGroups,
+    keep: Mapping[str, torch.Tensor],
+    names: Iterable[str],
+    importance: Callable[[str], Mapping[str, torch.Tensor]],
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """Each candidate's keep decisions at the widths of ``keep``; and the candidates that do not apply, with why.
+
+    ``importance(name)`` gives criterion ``name``'s per-channel scores of the task's
+    model and raises :class:`CriterionNotApplicableError` when it has nothing to measure.
+    """
+    keeps: dict[str, dict[str, torch.Tensor]] = {}
+    skipped: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        if name == LEARNED:
+            keeps[name] = {k: torch.as_tensor(v).bool().cpu() for k, v in keep.items()}
+            continue
+        try:
+            scores = importance(name)
+        except CriterionNotApplicableError as e:
+            skipped[name] = str(e)
+            continue
+        keeps[name], _ = reselect_keep(groups, keep, scores)
+    return keeps, skipped
 
 
 def candidate_keeps(
@@ -69,23 +121,13 @@ def candidate_keeps(
     names: Iterable[str],
     batches: Iterable | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
-    """Each candidate's keep decisions at the widths of ``keep``; and the candidates that do not apply, with why.
+    """:func:`keeps_by_candidate` for a classifier: criteria score a copy of ``target``.
 
     ``batches`` feed criteria that need loss gradients (``"taylor"``).
     """
-    keeps: dict[str, dict[str, torch.Tensor]] = {}
-    skipped: dict[str, str] = {}
-    for name in dict.fromkeys(names):
-        if name == LEARNED:
-            keeps[name] = {k: torch.as_tensor(v).bool().cpu() for k, v in keep.items()}
-            continue
-        try:
-            importance = channel_importance(copy.deepcopy(target), groups, name, batches=batches)
-        except CriterionNotApplicableError as e:
-            skipped[name] = str(e)
-            continue
-        keeps[name], _ = reselect_keep(groups, keep, importance)
-    return keeps, skipped
+    return keeps_by_candidate(
+        groups, keep, names, lambda name: channel_importance(copy.deepcopy(target), groups, name, batches=batches)
+    )
 
 
 def lookahead_accuracy(
@@ -151,13 +193,9 @@ def choose_inheritance(
     """
     check_inherit(AUTO, candidates)
     keeps, skipped = candidate_keeps(target, groups, keep, candidates, gradient_batches)
-    if not keeps:
-        raise ValueError(f"none of inherit.candidates {list(candidates)} applies to this model: {skipped}")
-    accuracy: dict[str, float] = {}
-    for name, k in keeps.items():
+
+    def score(name: str, k: Mapping[str, torch.Tensor]) -> float:
         pruned = apply_surgery(copy.deepcopy(target), groups, k, example_inputs, verify=False)
-        accuracy[name] = lookahead_accuracy(
-            pruned, train_loader_fn(), eval_loader, steps, lr, momentum, weight_decay, device, seed
-        )
-    best = max(accuracy, key=lambda n: (accuracy[n], -list(keeps).index(n)))
-    return Inheritance(best, keeps[best], accuracy, skipped, int(steps))
+        return lookahead_accuracy(pruned, train_loader_fn(), eval_loader, steps, lr, momentum, weight_decay, device, seed)
+
+    return select_inheritance(keeps, score, skipped, steps=int(steps))
