@@ -65,6 +65,8 @@ class Profile:
     budget: float = RECIPE.budget  # fraction of the scope's FLOPs kept
     scope: str = RECIPE.scope
     round_to: int = RECIPE.round_to
+    inherit: str = RECIPE.inherit  # "auto": the look-ahead picks which channels fill the learned widths
+    lookahead_iters: int = RECIPE.lookahead_iters
     pruner_iters: int = RECIPE.pruner_iters
     pruner_lr: float = RECIPE.pruner_lr
     kd_fpn: float = RECIPE.kd_fpn  # the distilled variants' weights
@@ -147,8 +149,8 @@ def run_model(profile: Profile, arch: str, depth: int, datasets: tuple[str, str]
     """Every stage of one model (each reused when finished); its records, one per fine-tuned variant."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = stage_config(profile, arch, depth, datasets, out, device)
-    r = replace(RECIPE, budget=profile.budget, scope=profile.scope, round_to=profile.round_to,
-                pruner_iters=profile.pruner_iters, pruner_lr=profile.pruner_lr, kd_fpn=profile.kd_fpn,
+    r = replace(RECIPE, budget=profile.budget, scope=profile.scope, round_to=profile.round_to, inherit=profile.inherit,
+                lookahead_iters=profile.lookahead_iters, pruner_iters=profile.pruner_iters, pruner_lr=profile.pruner_lr, kd_fpn=profile.kd_fpn,
                 kd_cls=profile.kd_cls).for_architecture(arch)
     kd = {"kd_fpn": r.kd_fpn, "kd_cls": r.kd_cls}
     schedule = {"max_iter": profile.finetune_iters, "base_lr": profile.finetune_lr}
@@ -156,7 +158,9 @@ def run_model(profile: Profile, arch: str, depth: int, datasets: tuple[str, str]
     train_baseline(cfg, out)
     train_detector_pruner(cfg, out, r.pruner_iters, r.budget, lr=r.pruner_lr, sparsity_weight=r.sparsity_weight,
                           scope=r.scope)
-    prune_baseline(cfg, out, r.budget, scope=r.scope, inherit=r.inherit, **readout)
+    prune_baseline(cfg, out, r.budget, scope=r.scope, inherit=r.inherit, inherit_candidates=r.inherit_candidates,
+                   lookahead_iters=r.lookahead_iters, lookahead_images=r.lookahead_images, lookahead_lr=profile.finetune_lr,
+                   **readout)
     criterion = f"pruned_{profile.criterion}"
     if not (out / criterion).is_dir():
         scores = criterion_scores(cfg, out, profile.criterion, scope=r.scope)

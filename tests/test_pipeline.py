@@ -176,3 +176,45 @@ def test_interrupted_stage_resumes_from_its_last_checkpoint(finished_run):
     # every epoch was already done, so the weights come back from last.ckpt unchanged
     assert all(torch.equal(trained[k], resumed[k]) for k in trained)
     assert json.loads((out / "finetune" / "report.json").read_text())["status"] == "done"
+
+
+def test_a_target_that_adapts_beside_the_pruner_is_what_both_prune_commands_cut(tmp_path):
+    """pruner.target_lr: the gated target learns with the pruner; the pipeline and pnp-prune cut that adapted target."""
+    from pnp.core.artifacts import load_pruned
+    from safetensors.torch import load_file
+
+    data_root = write_fashion_mnist(tmp_path / "fashion", n_train=300, n_test=50)
+    out = tmp_path / "run"
+    overrides = quick_overrides(data_root, out) + ["pruner.target_lr=0.01", "inherit.choice=learned"]
+    run("pipeline", compose_config("pipeline", overrides), out)
+
+    original = load_file(str(out / "train" / "model" / "model.safetensors"))
+    adapted = load_file(str(out / "train_pruner" / "adapted" / "model.safetensors"))
+    assert set(adapted) == set(original)
+    assert any(not torch.equal(adapted[k], original[k]) for k in original)  # it learned
+
+    pruned = load_pruned(out / "prune" / "model")
+    kept = pruned.pnp_channel_spec.groups["features.0"]
+    cut = pruned.state_dict()["features.0.weight"]
+    assert torch.equal(cut, adapted["features.0.weight"][kept])  # cut from the adapted weights, not the original
+    assert not torch.equal(cut, original["features.0.weight"][kept])
+    report = json.loads((out / "report.json").read_text())
+    assert report["before"]["accuracy"] == json.loads((out / "train" / "report.json").read_text())["model"]["accuracy"]
+
+    # the single command, pointed at the same pruner run, cuts the same adapted target
+    single = tmp_path / "single"
+    cfg = compose_config("prune", [f"data.root={data_root}", f"out_dir={single}", "data.val_size=100",
+                                   f"target={out / 'train'}", f"pruner_run={out / 'train_pruner'}",
+                                   "readout.budget=0.1", "inherit.choice=learned", "report.latency_batch_sizes=[1]",
+                                   "report.latency_repeats=2"])
+    run("prune", cfg, single)
+    again = load_pruned(single / "model").state_dict()
+    assert all(torch.equal(again[k], v) for k, v in pruned.state_dict().items())
+
+
+def test_an_adapting_target_is_refused_a_negative_rate(tmp_path):
+    from pnp.cli.config import ConfigError
+
+    cfg = compose_config("pipeline", [f"out_dir={tmp_path / 'run'}", "pruner.target_lr=-0.1"])
+    with pytest.raises(ConfigError, match=r"^pruner\.target_lr=-0\.1:"):
+        run("pipeline", cfg, tmp_path / "run")

@@ -82,3 +82,32 @@ def test_classification_task_is_what_the_lightning_module_trains_with():
     loss = module.training_step((x, torch.tensor([1, 2])), 0)
     loss.backward()
     assert torch.isfinite(loss) and module.pruner.head.linear.weight.grad.abs().sum() > 0
+
+
+def test_an_adapting_target_learns_while_the_distillation_reference_stays_as_trained():
+    """pruner target_lr: the gated target gets an optimizer group and learns; kd distils from a frozen copy."""
+    from pnp.core.builders import build_model
+    from pnp.training.pruner_module import PrunerModule
+
+    torch.manual_seed(0)
+    model = build_model("pnp:resnet20", in_channels=1, num_classes=10, input_size=16)
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([1, 2, 3, 4])
+    task = ClassificationTask(x)
+    groups = task.find_groups(model)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    module = PrunerModule(model, groups, task=task, budget=0.5, mask_mode="batch", kd_weight=1.0, target_lr=0.01)
+    module.train()
+    assert module.gated.target.training and not module.reference.training  # BN statistics adapt; the reference's do not
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert [g["lr"] for g in optimizer.param_groups][-1] == 0.01
+    for _ in range(2):
+        optimizer.zero_grad()
+        module.training_step((x, y), 0).backward()
+        optimizer.step()
+    assert not torch.equal(model.conv1.weight, original["conv1.weight"])
+    assert not torch.equal(model.bn1.running_mean, original["bn1.running_mean"])
+    assert all(torch.equal(v, original[k]) for k, v in module.reference.state_dict().items())
+
+    still = build_model("pnp:resnet20", in_channels=1, num_classes=10, input_size=16)
+    frozen = PrunerModule(still, task.find_groups(still), task=task, budget=0.5, kd_weight=1.0)
+    assert frozen.reference is None and not any(p.requires_grad for p in still.parameters())

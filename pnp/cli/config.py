@@ -117,6 +117,9 @@ class PrunerConfig:
     lr: float = 1e-3
     # the trunk starts from the target's weights; null: lr / 10
     trunk_lr: Optional[float] = None
+    # > 0: the gated target's weights learn too, at this rate, and the pruned model is cut
+    # from the adapted target (0: the target stays frozen)
+    target_lr: float = 0.0
     weight_decay: float = 0.0
     sparsity: str = "flops"
     # null: 0 when there is a budget (the budget term holds the pruner at it), 1.0 without one
@@ -394,6 +397,7 @@ def _check_pruner(cfg: DictConfig) -> None:
     _number(cfg, "pruner.epochs", low=1)
     _number(cfg, "pruner.lr", low=0, low_open=True)
     _number(cfg, "pruner.trunk_lr", low=0, optional=True)
+    _number(cfg, "pruner.target_lr", low=0)
     _number(cfg, "pruner.weight_decay", low=0)
     _choice(cfg, "pruner.sparsity", SPARSITY)
     _number(cfg, "pruner.sparsity_weight", low=0, optional=True)

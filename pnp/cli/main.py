@@ -185,6 +185,7 @@ def _prune(cfg, run_dir: Path, data) -> dict:
 
     target = stages.target_from(cfg, data)
     groups = stages.find_groups(cfg, data, target)
+    before = None
     if cfg.keep is not None:
         keep, info = read_keep_file("keep", cfg.keep, groups), {"source": _abs(cfg.keep)}
     elif cfg.criterion is not None:
@@ -193,6 +194,11 @@ def _prune(cfg, run_dir: Path, data) -> dict:
         info["criterion"] = cfg.criterion
     else:
         keep, info = stages.read_out(cfg, groups, stages.scores_from(cfg), ("pruner_run", cfg.pruner_run))
+        adapted = stages.adapted_target(Path(cfg.pruner_run), data)
+        if adapted is not None:  # the target learned beside the pruner: cut from it, compare with the original
+            _say(f"[pnp] cutting the target as it adapted beside the pruner ({Path(cfg.pruner_run) / stages.ADAPTED_DIR})")
+            before = stages.summarize(target, data, cfg)
+            target = adapted
     # the criterion picks the channels itself: no inheritance settings decide the result
     sections = ("model", "data", "readout") + (("inherit",) if cfg.criterion is None else ())
     by_criterion = {"criterion": cfg.criterion} if cfg.criterion is not None else {}
@@ -205,7 +211,8 @@ def _prune(cfg, run_dir: Path, data) -> dict:
         write_resolved_config(cfg, run_dir)
     # a keep file or a criterion's picks are cut as they are; decisions read out of a pruner run
     # get their weights as cfg.inherit says
-    result = stages.prune(cfg, data, stage, state, target, groups, keep, info, inherit_weights=cfg.pruner_run is not None)
+    result = stages.prune(cfg, data, stage, state, target, groups, keep, info, before=before,
+                          inherit_weights=cfg.pruner_run is not None)
     r = result.report
     _say(_table(baseline=r.get("before"), pruned=r.get("after"), stage_reports={"prune": r}))
     _say_paths(run_dir, r, [Path(p) for p in r.get("plots", {}).values()])
@@ -281,7 +288,11 @@ def _pipeline(cfg, run_dir: Path, data) -> dict:
         groups = stages.find_groups(cfg, data, target)
         keep, info = stages.read_out(cfg, groups, r_pruner.scores, ("pruner scores", str(dirs["train_pruner"].path)))
     announce("prune")
-    r_prune = stages.prune(cfg, data, dirs["prune"], states["prune"], copy.deepcopy(target), groups, keep, info,
+    # with pruner.target_lr the target adapted beside the pruner, and that is what is cut
+    cut_from = r_pruner.model if r_pruner.model is not None else target
+    if r_pruner.model is not None and states["prune"] != "done":
+        _say("[pnp] cutting the target as it adapted beside the pruner (pruner.target_lr); fine-tuning distils from the original")
+    r_prune = stages.prune(cfg, data, dirs["prune"], states["prune"], copy.deepcopy(cut_from), groups, keep, info,
                            before=r_train.report.get("model"))
     teacher = copy.deepcopy(target) if cfg.finetune.kd_weight > 0 else None
     announce("finetune")

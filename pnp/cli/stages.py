@@ -27,10 +27,12 @@ from omegaconf import DictConfig, OmegaConf
 from pnp.cli.config import ConfigError, InputError, pruner_sparsity_weight
 from pnp.cli.loading import MODEL_DIR, load_pruned_model, load_target
 from pnp.training.runs import INTERRUPTED_CHECKPOINT, StageDir, is_global_zero
-from pnp.core.artifacts import load_pruned, save_pruned
+from pnp.core.artifacts import CHANNELS_FILE, load_pruned, save_pruned
 from pnp.core.io import KEEP_FILE, KEEP_SCORES_FILE, load_keep_scores, save_keep_scores, save_tensors_atomic, write_keep_decisions
 
 PRUNER_FILE = "pruner.safetensors"
+# the target as it learned beside the pruner (pruner.target_lr > 0): what the prune stage cuts
+ADAPTED_DIR = "adapted"
 CHANNELS_PLOT = "channels_per_layer.png"
 ACCURACY_PLOT = "accuracy_vs_flops.png"
 # data fields that say where and how fast data is read, not what is learned from it
@@ -376,7 +378,8 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     """
     if state == "done":
         report = stage.report()
-        return StageResult(report, scores=load_keep_scores(stage.path / KEEP_SCORES_FILE), skipped=True)
+        return StageResult(report, model=adapted_target(stage.path, data), scores=load_keep_scores(stage.path / KEEP_SCORES_FILE),
+                           skipped=True)
     import pytorch_lightning as pl
 
     from pnp.training.pruner_module import PrunerModule
@@ -387,7 +390,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     groups = find_groups(cfg, data, target)
     p = cfg.pruner
     module = PrunerModule(
-        target, groups, task=task_of(data), lr=p.lr, trunk_lr=p.trunk_lr, weight_decay=p.weight_decay, epochs=p.epochs, sparsity=p.sparsity,
+        target, groups, task=task_of(data), lr=p.lr, trunk_lr=p.trunk_lr, target_lr=p.target_lr, weight_decay=p.weight_decay, epochs=p.epochs, sparsity=p.sparsity,
         sparsity_weight=pruner_sparsity_weight(p), budget=p.budget, budget_metric=p.budget_metric,
         budget_weight=p.budget_weight, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
         temperature=p.temperature, init_keep=p.init_keep, noise=p.noise, mask_mode=p.mask_mode,
@@ -402,6 +405,9 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     if is_global_zero():
         save_keep_scores(stage.path / KEEP_SCORES_FILE, scores)
         save_tensors_atomic(module.pruner.state_dict(), stage.path / PRUNER_FILE)
+        if module.adapts:
+            save_pruned(module.gated.target.to("cpu"), stage.path / ADAPTED_DIR, builder=data.builder,
+                        builder_kwargs=data.builder_kwargs, metadata=data.metadata(made_by="pnp-train-pruner"), overwrite=True)
     report: dict[str, Any] = {
         "time_s": None,
         "epochs": p.epochs,
@@ -419,7 +425,16 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
             raise RuntimeError(f"ranks read out different keep decisions (digests {digests}); please report this as a bug")
         write_keep(stage.path / KEEP_FILE, groups, keep, info)
     report["time_s"] = time.perf_counter() - start
-    return StageResult(stage.finish(report), scores=scores, keep=keep)
+    adapted = module.gated.target.to("cpu").eval() if module.adapts else None
+    return StageResult(stage.finish(report), model=adapted, scores=scores, keep=keep)
+
+
+def adapted_target(run: Path, data: Data) -> nn.Module | None:
+    """The target as it learned beside the pruner in the pruner run ``run`` (``pruner.target_lr`` > 0), else None."""
+    directory = Path(run) / ADAPTED_DIR
+    if not (directory / CHANNELS_FILE).is_file():
+        return None
+    return load_target("pruner_run", str(directory), data.builder, data.builder_kwargs)
 
 
 def task_of(data: Data):

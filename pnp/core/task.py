@@ -90,18 +90,18 @@ class ClassificationTask(PruningTask):
 
 
 def pruner_terms(task: PruningTask, model: nn.Module, gate: GatedModel, pruner: PrunerNetwork, objective: PrunerLoss,
-                 batch) -> dict[str, Any]:
+                 batch, reference_model: nn.Module | None = None) -> dict[str, Any]:
     """One step of the pruner's objective on ``batch``: the loss and its terms, the masks and the task output.
 
     The pruner decides masks from :meth:`PruningTask.pruner_input`; the model runs
     its task gated by them (``gate`` wraps ``task.prunable(model)``). With
-    distillation the ungated model's output is the reference.
+    distillation the ungated output of ``reference_model`` (default: ``model``) is the reference.
     """
     masks = pruner(task.pruner_input(model, batch))
     reference = None
     if objective.kd_weight > 0:
         with torch.no_grad():
-            reference, _ = task.output(model, batch)
+            reference, _ = task.output(model if reference_model is None else reference_model, batch)
     with gate.masked(masks):
         output, target = task.output(model, batch)
     terms = dict(objective(output, target, masks, reference))

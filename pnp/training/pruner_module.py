@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -33,6 +35,7 @@ class PrunerModule(ChannelsLastModule):
         groups: ChannelGroups,
         lr: float = 1e-3,
         trunk_lr: float | None = None,
+        target_lr: float = 0.0,
         weight_decay: float = 0.0,
         epochs: int = 5,
         sparsity: str = "flops",
@@ -55,6 +58,8 @@ class PrunerModule(ChannelsLastModule):
             raise ValueError(f"lr {lr} must be > 0")
         if trunk_lr is not None and trunk_lr < 0:
             raise ValueError(f"trunk_lr {trunk_lr} must be >= 0")
+        if target_lr < 0:
+            raise ValueError(f"target_lr {target_lr} must be >= 0")
         if int(epochs) < 1:
             raise ValueError(f"epochs {epochs} must be >= 1")
         self.save_hyperparameters(ignore=["target", "groups", "task", "channels_last"])
@@ -69,7 +74,13 @@ class PrunerModule(ChannelsLastModule):
             noise=noise,
             mask_mode=mask_mode,
         )
-        self.gated = GatedModel(target, groups, freeze=True)
+        # with target_lr the gated target learns too, as fine-tuning will let it: the
+        # pruner then weighs each channel by what the adapted network still needs of it
+        self.adapts = float(target_lr) > 0
+        self.gated = GatedModel(target, groups, freeze=not self.adapts)
+        self.reference = None
+        if self.adapts and kd_weight > 0:
+            self.reference = copy.deepcopy(target).eval().requires_grad_(False)
         self.objective = PrunerLoss(
             groups,
             sparsity=sparsity,
@@ -85,11 +96,18 @@ class PrunerModule(ChannelsLastModule):
         self._val_count = 0
         self.keep_scores: dict[str, torch.Tensor] | None = None
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference is not None:  # the unpruned target distils as it was trained
+            self.reference.eval()
+        return self
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.pruner(x)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
-        terms = pruner_terms(self.task, self.gated.target, self.gated, self.pruner, self.objective, batch)
+        terms = pruner_terms(self.task, self.gated.target, self.gated, self.pruner, self.objective, batch,
+                             reference_model=self.reference)
         logits, y, masks = terms["output"], terms["target"], terms["masks"]
         acc = (logits.argmax(-1) == y).float().mean() * 100.0
         keys = ["loss", "task", "sparsity", "flops_kept"]
@@ -138,8 +156,9 @@ class PrunerModule(ChannelsLastModule):
         self.keep_scores = self._scores.compute()
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(
-            self.pruner.param_groups(self.hparams.lr, self.hparams.trunk_lr), weight_decay=self.hparams.weight_decay
-        )
+        groups = self.pruner.param_groups(self.hparams.lr, self.hparams.trunk_lr)
+        if self.adapts:
+            groups.append({"params": list(self.gated.target.parameters()), "lr": self.hparams.target_lr})
+        optimizer = torch.optim.Adam(groups, weight_decay=self.hparams.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, int(self.hparams.epochs)))
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
