@@ -15,8 +15,15 @@ whole detector and for its backbone.
     python benchmarks/bench_detection.py --profile quick        # CPU, 40-90 min a model on 2 cores
     python benchmarks/bench_detection.py --profile quick --set seed=1
     python benchmarks/bench_detection.py --profile quick --set models=retinanet:18 --set base_lr=0.005 \
-        --set finetune_lr=0.0025 --out benchmarks/results/detection/quick-retinanet-s0   # diverges at 0.02
+        --set recipe.finetune_lr=0.0025 --out benchmarks/results/detection/quick-retinanet-s0   # diverges at 0.02
+    python benchmarks/bench_detection.py --profile quick --set recipe.budget=0.3 --set recipe.inherit=auto
     python benchmarks/bench_detection.py --profile full --device cuda
+
+A profile is an OmegaConf dotlist over :class:`Profile`: the benchmark's own settings
+(data, baseline schedule, criterion, seed) and ``recipe``, pnp's detection recipe
+(``pnp.detection.pipeline.DetectionRecipe``, the defaults ``tools/train_net.py`` runs)
+as ``recipe.FIELD``. ``--set KEY=VALUE`` adds entries to it; ``models`` is a list,
+``models=[faster_rcnn:18,retinanet:18]`` or ``models=faster_rcnn:18,retinanet:18``.
 
 The stages are pnp's own (``pnp.detection.pipeline``, what ``tools/train_net.py``
 runs), with their records: a finished stage is reused, an interrupted one resumes,
@@ -29,31 +36,30 @@ stage's detector and each detector's figures (``summaries/``), ``results.json``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from methods.environment import environment  # noqa: E402  (beside this file: the machine and commit of a result)
 
 from pnp.detection.checkpoint import load_pruned_detector  # noqa: E402
 from pnp.detection.pipeline import (  # noqa: E402
-    build_config, criterion_scores, detector_summary, finetune_pruned, prune_baseline, register_splits,
-    train_baseline, train_detector_pruner,
+    DetectionRecipe, build_config, criterion_scores, detector_summary, finetune_pruned, prune_baseline,
+    register_splits, train_baseline, train_detector_pruner,
 )
-from pnp.detection.pipeline import DetectionRecipe  # noqa: E402
 from pnp.core.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
-
-RECIPE = DetectionRecipe()
 
 
 @dataclass(frozen=True)
 class Profile:
-    """Everything that decides a result; ``--set FIELD=VALUE`` overrides a field."""
+    """Everything that decides a result: the benchmark's own settings and pnp's detection recipe."""
 
     models: tuple[str, ...] = ("faster_rcnn:18",)  # meta-architecture:ResNet depth
     num_images: int = 600  # composed training images; val gets a quarter
@@ -61,30 +67,25 @@ class Profile:
     ims_per_batch: int = 4
     baseline_iters: int = 600
     base_lr: float = 0.02
-    # pnp's recipe (tools/train_net.py's defaults), unless a profile or --set says otherwise
-    budget: float = RECIPE.budget  # fraction of the scope's FLOPs kept
-    scope: str = RECIPE.scope
-    round_to: int = RECIPE.round_to
-    inherit: str = RECIPE.inherit  # "auto": the look-ahead picks which channels fill the learned widths
-    lookahead_iters: int = RECIPE.lookahead_iters
-    pruner_iters: int = RECIPE.pruner_iters
-    pruner_lr: float = RECIPE.pruner_lr
-    kd_fpn: float = RECIPE.kd_fpn  # the distilled variants' weights
-    kd_cls: float = RECIPE.kd_cls  # (RetinaNet has no RoI class logits: 0 there)
     criterion: str = "magnitude"  # the criterion row, read out and cut like pnp's
-    finetune_iters: int = 200
-    finetune_lr: float = 0.01
     seed: int = 0
     latency_repeats: int = 5
+    # what every stage after the baseline does, with the product's defaults (RetinaNet runs it with
+    # kd_cls 0: it has no RoI class logits)
+    recipe: DetectionRecipe = field(default_factory=DetectionRecipe)
 
 
-PROFILES = {
-    "quick": Profile(),
-    "full": Profile(models=("faster_rcnn:18", "faster_rcnn:50", "retinanet:18"), num_images=8000, image_size=256, ims_per_batch=16, baseline_iters=9000,
-                    pruner_iters=1500, finetune_iters=4500, latency_repeats=20),
-    "smoke": Profile(num_images=16, image_size=64, ims_per_batch=2, baseline_iters=4, pruner_iters=2,
-                     finetune_iters=2, latency_repeats=1, round_to=1),
+# each profile: where it differs from Profile's defaults, as OmegaConf dotlist entries. Every
+# fine-tuning, and the look-ahead of recipe.inherit=auto, runs at half the baseline's lr.
+PROFILES: dict[str, tuple[str, ...]] = {
+    "quick": ("recipe.finetune_iters=200", "recipe.finetune_lr=0.01"),
+    "full": ("models=[faster_rcnn:18,faster_rcnn:50,retinanet:18]", "num_images=8000", "image_size=256",
+             "ims_per_batch=16", "baseline_iters=9000", "latency_repeats=20", "recipe.pruner_iters=1500",
+             "recipe.finetune_iters=4500", "recipe.finetune_lr=0.01"),
+    "smoke": ("num_images=16", "image_size=64", "ims_per_batch=2", "baseline_iters=4", "latency_repeats=1",
+              "recipe.round_to=1", "recipe.pruner_iters=2", "recipe.finetune_iters=2", "recipe.finetune_lr=0.01"),
 }
+RECIPE_FIELDS = {f.name for f in fields(DetectionRecipe)}
 # fine-tunings of the pruned detector: name -> (distil?), and the criterion's with distillation
 VARIANTS = {"no_kd": False, "kd": True}
 CONTROL = "baseline_continued"  # the folder of the control, and its key in the records
@@ -95,7 +96,8 @@ META_NAMES = {"faster_rcnn": "faster_rcnn", "retinanet": "retinanet"}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a profile field")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a dotlist entry over the profile, e.g. seed=1 or recipe.budget=0.3 (repeatable)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dataset-dir", default=None, help="default: data/ beside the default --out, else <out>/data")
     p.add_argument("--fashion-root", default=None, help="Fashion-MNIST IDX files (default: the usual places)")
@@ -103,22 +105,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def apply_overrides(profile: Profile, assignments: list[str]) -> Profile:
-    fields = {f.name: f for f in dataclasses.fields(Profile)}
-    for text in assignments:
-        name, sep, raw = text.partition("=")
-        if not sep or name not in fields:
-            raise SystemExit(f"--set {text!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
-        current = getattr(profile, name)
+def compose_profile(name: str, sets: Sequence[str] = ()) -> Profile:
+    """Profile ``name``: its dotlist, then ``sets`` (``--set``), over :class:`Profile`'s defaults.
+
+    OmegaConf checks every key and type, then the product checks the recipe for every
+    model (:meth:`DetectionRecipe.check`); what either refuses ends the script with a
+    message naming the key and value.
+    """
+    cfg = OmegaConf.structured(Profile)
+    OmegaConf.set_readonly(cfg.recipe, None)  # OmegaConf reads a frozen dataclass as "no overrides"
+    for source, text in [(f"--profile {name}", t) for t in PROFILES[name]] + [("--set", t) for t in sets]:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise SystemExit(f"{source} {text!r} is not KEY=VALUE (e.g. seed=1 or recipe.budget=0.3)")
+        entry = f"models=[{value}]" if key == "models" and not value.startswith("[") else text  # models=a:18,b:50
         try:
-            if isinstance(current, tuple):
-                value = tuple(v for v in raw.split(",") if v)
-            else:
-                value = type(current)(raw)
-        except ValueError:
-            raise SystemExit(f"--set {text!r}: {raw!r} is not a {type(current).__name__}") from None
-        profile = replace(profile, **{name: value})
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([entry]))
+        except OmegaConfBaseException as exc:
+            hint = f"; pnp's recipe is set as recipe.{key}" if key in RECIPE_FIELDS else ""
+            raise SystemExit(f"{source} {text!r}: {str(exc).splitlines()[0]}{hint}") from None
+    given = OmegaConf.to_container(cfg)
+    recipe = DetectionRecipe(**_as_tuples(given.pop("recipe")))
+    profile = Profile(**_as_tuples(given), recipe=recipe)
+    for text in profile.models:
+        arch, _ = parse_model(text)
+        try:
+            recipe.for_architecture(arch).check(arch)
+        except ValueError as exc:  # the product's messages start with the field's name
+            raise SystemExit(f"recipe.{exc}") from None
     return profile
+
+
+def _as_tuples(values: dict) -> dict:
+    """OmegaConf's lists as the tuples the dataclasses hold, so that a recipe equals the product's."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
 
 
 def parse_model(text: str) -> tuple[str, int]:
@@ -149,17 +169,15 @@ def run_model(profile: Profile, arch: str, depth: int, datasets: tuple[str, str]
     """Every stage of one model (each reused when finished); its records, one per fine-tuned variant."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = stage_config(profile, arch, depth, datasets, out, device)
-    r = replace(RECIPE, budget=profile.budget, scope=profile.scope, round_to=profile.round_to, inherit=profile.inherit,
-                lookahead_iters=profile.lookahead_iters, pruner_iters=profile.pruner_iters, pruner_lr=profile.pruner_lr, kd_fpn=profile.kd_fpn,
-                kd_cls=profile.kd_cls).for_architecture(arch)
+    r = profile.recipe.for_architecture(arch)
     kd = {"kd_fpn": r.kd_fpn, "kd_cls": r.kd_cls}
-    schedule = {"max_iter": profile.finetune_iters, "base_lr": profile.finetune_lr}
+    schedule = {"max_iter": r.finetune_iters, "base_lr": r.finetune_lr}
     readout = {"round_to": r.round_to, "min_channels": r.min_channels, "min_share": r.min_share}
     train_baseline(cfg, out)
     train_detector_pruner(cfg, out, r.pruner_iters, r.budget, lr=r.pruner_lr, sparsity_weight=r.sparsity_weight,
                           scope=r.scope)
     prune_baseline(cfg, out, r.budget, scope=r.scope, inherit=r.inherit, inherit_candidates=r.inherit_candidates,
-                   lookahead_iters=r.lookahead_iters, lookahead_images=r.lookahead_images, lookahead_lr=profile.finetune_lr,
+                   lookahead_iters=r.lookahead_iters, lookahead_images=r.lookahead_images, lookahead_lr=r.finetune_lr,
                    **readout)
     criterion = f"pruned_{profile.criterion}"
     if not (out / criterion).is_dir():
@@ -177,7 +195,7 @@ def run_model(profile: Profile, arch: str, depth: int, datasets: tuple[str, str]
     seconds = stage_seconds(out)
     rows = [("pnp", variant, "pruned", f"finetuned_{variant}") for variant in VARIANTS]
     rows.append((profile.criterion, "kd", criterion, f"finetuned_{profile.criterion}_kd"))
-    return [record(summaries, seconds, model_name(arch, depth), method, variant, before, after, profile)
+    return [record(summaries, seconds, model_name(arch, depth), method, variant, before, after, profile.seed, r)
             for method, variant, before, after in rows]
 
 
@@ -203,12 +221,12 @@ def summarize(out: Path, name: str, cfg, repeats: int) -> dict:
 
 
 def record(summaries: dict, seconds: dict, model: str, method: str, variant: str, before: str, after: str,
-           profile: Profile) -> dict:
+           seed: int, recipe: DetectionRecipe) -> dict:
+    """One row of the results; ``recipe`` is the one the model ran (records before it held only scope and budget)."""
     base, pruned, tuned, control = summaries["baseline"], summaries[before], summaries[after], summaries[CONTROL]
     selection = ["pruner", "pruned"] if method == "pnp" else [before]
     return {
-        "model": model, "method": method, "variant": variant, "seed": profile.seed, "scope": profile.scope,
-        "budget": profile.budget,
+        "model": model, "method": method, "variant": variant, "seed": seed, "recipe": asdict(recipe),
         "flops_removed": round(1.0 - tuned["flops"] / base["flops"], 4),
         "backbone_flops_removed": round(1.0 - tuned["backbone_flops"] / base["backbone_flops"], 4),
         "latency_speedup": _ratio(base, tuned, "detector_ms"),
@@ -269,7 +287,7 @@ def _num(value) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    profile = apply_overrides(PROFILES[args.profile], args.set)
+    profile = compose_profile(args.profile, args.set)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device!r}: no CUDA device is visible; use --device cpu")
     out = Path(args.out) if args.out else RESULTS / f"{args.profile}-s{profile.seed}"

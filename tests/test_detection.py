@@ -651,21 +651,70 @@ def test_an_interrupted_detection_stage_resumes_from_its_checkpoint(tmp_path, fa
     assert max(r["iteration"] for r in logged if "total_loss" in r) == 39
 
 
-def test_detection_benchmark_compares_pnp_with_a_criterion_and_reuses_its_stages(tmp_path, fashion_root):
+@pytest.fixture(scope="module")
+def bench():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_detection", Path(__file__).parents[1] / "benchmarks" / "bench_detection.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_detection_benchmark_profiles_are_dotlists_over_pnps_recipe(bench, tmp_path):
+    from pnp.detection.pipeline import DetectionRecipe
+
+    # the quick profile the README's detection figures were measured with: pnp's recipe, fine-tuned 200 at lr 0.01
+    quick = bench.compose_profile("quick")
+    assert quick.recipe == DetectionRecipe(finetune_iters=200, finetune_lr=0.01)
+    r = quick.recipe
+    assert (r.budget, r.scope, r.round_to, r.inherit, r.pruner_iters, r.pruner_lr, r.kd_fpn, r.kd_cls) == (
+        0.5, "detector", 8, "learned", 100, 1e-3, 1.0, 1.0)
+    own = ("models", "num_images", "image_size", "ims_per_batch", "baseline_iters", "base_lr", "criterion", "seed",
+           "latency_repeats")
+    assert [getattr(quick, k) for k in own] == [("faster_rcnn:18",), 600, 128, 4, 600, 0.02, "magnitude", 0, 5]
+    smoke = bench.compose_profile("smoke")
+    assert smoke.recipe == DetectionRecipe(round_to=1, pruner_iters=2, finetune_iters=2, finetune_lr=0.01)
+    full = bench.compose_profile("full")
+    assert full.models == ("faster_rcnn:18", "faster_rcnn:50", "retinanet:18") and full.baseline_iters == 9000
+    assert full.recipe == DetectionRecipe(pruner_iters=1500, finetune_iters=4500, finetune_lr=0.01)
+
+    given = bench.compose_profile("quick", ["recipe.budget=0.3", "seed=1", "models=retinanet:18,faster_rcnn:50"])
+    assert given.recipe.budget == 0.3 and given.seed == 1 and given.models == ("retinanet:18", "faster_rcnn:50")
+    assert given.recipe.finetune_iters == 200  # the profile's entries stay under --set's
+    assert bench.compose_profile("quick", ["models=[retinanet:18]"]).models == ("retinanet:18",)
+
+    with pytest.raises(SystemExit, match=r"'recipe\.nope=1': Key 'nope'"):
+        bench.compose_profile("quick", ["recipe.nope=1"])
+    with pytest.raises(SystemExit, match=r"'finetune_lr=0\.0025'.* recipe\.finetune_lr"):  # the old key names the new one
+        bench.compose_profile("quick", ["finetune_lr=0.0025"])
+    with pytest.raises(SystemExit, match=r"'recipe\.pruner_iters=many': Value 'many'"):
+        bench.compose_profile("quick", ["recipe.pruner_iters=many"])
+    with pytest.raises(SystemExit, match="'yolo:18' is not META:DEPTH"):
+        bench.compose_profile("quick", ["models=yolo:18"])
+    with pytest.raises(ValueError) as product:
+        DetectionRecipe(min_share=2.0).check()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as refused:  # before anything is composed or written
+        bench.main(["--profile", "smoke", "--out", str(out), "--set", "recipe.min_share=2"])
+    assert str(refused.value) == f"recipe.{product.value}" and not out.exists()
+
+    # records written before the recipe was recorded whole (scope and budget only) still make the table
+    committed = Path(bench.RESULTS) / "quick-s0" / "faster_rcnn_R18_FPN" / "records.json"
+    table = bench.format_table(json.loads(committed.read_text())["records"])
+    assert "| faster_rcnn_R18_FPN | pnp, fine-tuned kd | 32.78 |" in table
+
+
+def test_detection_benchmark_compares_pnp_with_a_criterion_and_reuses_its_stages(bench, tmp_path, fashion_root):
     out = tmp_path / "out"
     argv = ["--profile", "smoke", "--out", str(out), "--fashion-root", str(fashion_root),
-            "--set", "num_images=6", "--set", "budget=0.5"]
+            "--set", "num_images=6", "--set", "recipe.budget=0.5"]
     results = bench.main(argv)
 
     assert [(r["method"], r["variant"]) for r in results["records"]] == [("pnp", "no_kd"), ("pnp", "kd"), ("magnitude", "kd")]
     for r in results["records"]:
-        assert r["model"] == "faster_rcnn_R18_FPN" and r["scope"] == "detector"
+        assert r["model"] == "faster_rcnn_R18_FPN" and r["recipe"]["scope"] == "detector" and r["recipe"]["round_to"] == 1
         assert r["readout"]["flops_fraction"] <= 0.5 and r["flops_removed"] > 0.3  # of the whole detector
         assert r["finetuned"]["params"] == r["pruned"]["params"] < r["baseline"]["params"]
         assert {"AP", "AP50", "AP75", "backbone_flops", "flops", "latency_ms"} <= set(r["finetuned"])
@@ -685,7 +734,7 @@ def test_detection_benchmark_compares_pnp_with_a_criterion_and_reuses_its_stages
     assert bench.main(argv)["records"] == results["records"]
     assert [p.stat().st_mtime_ns for p in tuned] == stamps
     with pytest.raises(SystemExit, match="other settings"):
-        bench.main([*argv, "--set", "finetune_iters=3"])
+        bench.main([*argv, "--set", "recipe.finetune_iters=3"])
     with pytest.raises(SystemExit, match="finetune_iter"):
         bench.main([*argv[:4], "--set", "finetune_iter=3"])
 
