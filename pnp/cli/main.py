@@ -185,7 +185,7 @@ def _prune(cfg, run_dir: Path, data) -> dict:
 
     target = stages.target_from(cfg, data)
     groups = stages.find_groups(cfg, data, target)
-    before = None
+    original = None
     if cfg.keep is not None:
         keep, info = read_keep_file("keep", cfg.keep, groups), {"source": _abs(cfg.keep)}
     elif cfg.criterion is not None:
@@ -197,8 +197,7 @@ def _prune(cfg, run_dir: Path, data) -> dict:
         adapted = stages.adapted_target(Path(cfg.pruner_run), data)
         if adapted is not None:  # the target learned beside the pruner: cut from it, compare with the original
             _say(f"[pnp] cutting the target as it adapted beside the pruner ({Path(cfg.pruner_run) / stages.ADAPTED_DIR})")
-            before = stages.summarize(target, data, cfg)
-            target = adapted
+            original, target = target, adapted
     # the criterion picks the channels itself: no inheritance settings decide the result
     sections = ("model", "data", "readout") + (("inherit",) if cfg.criterion is None else ())
     by_criterion = {"criterion": cfg.criterion} if cfg.criterion is not None else {}
@@ -211,6 +210,8 @@ def _prune(cfg, run_dir: Path, data) -> dict:
         write_resolved_config(cfg, run_dir)
     # a keep file or a criterion's picks are cut as they are; decisions read out of a pruner run
     # get their weights as cfg.inherit says
+    # the report compares with the original target, also when an adapted one is cut
+    before = stages.summarize(original, data, cfg) if original is not None and state != "done" else None
     result = stages.prune(cfg, data, stage, state, target, groups, keep, info, before=before,
                           inherit_weights=cfg.pruner_run is not None)
     r = result.report

@@ -402,11 +402,12 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     samples = min(int(p.calibration_samples), len(data.module.train_indices))
     calibrate(trainer, module, data.module.calibration_dataloader(samples))
     scores = {k: v.detach().float().cpu() for k, v in module.keep_scores.items()}
+    adapted = module.gated.target.to("cpu").eval() if module.adapts else None
     if is_global_zero():
         save_keep_scores(stage.path / KEEP_SCORES_FILE, scores)
         save_tensors_atomic(module.pruner.state_dict(), stage.path / PRUNER_FILE)
-        if module.adapts:
-            save_pruned(module.gated.target.to("cpu"), stage.path / ADAPTED_DIR, builder=data.builder,
+        if adapted is not None:
+            save_pruned(adapted, stage.path / ADAPTED_DIR, builder=data.builder,
                         builder_kwargs=data.builder_kwargs, metadata=data.metadata(made_by="pnp-train-pruner"), overwrite=True)
     report: dict[str, Any] = {
         "time_s": None,
@@ -425,7 +426,6 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
             raise RuntimeError(f"ranks read out different keep decisions (digests {digests}); please report this as a bug")
         write_keep(stage.path / KEEP_FILE, groups, keep, info)
     report["time_s"] = time.perf_counter() - start
-    adapted = module.gated.target.to("cpu").eval() if module.adapts else None
     return StageResult(stage.finish(report), model=adapted, scores=scores, keep=keep)
 
 
@@ -593,13 +593,13 @@ def prune(
         print(_floor_line(info), flush=True)
     inherited = None
     if inherit_weights:
+        from pnp.training.inherit import channels_changed, inheritance_line
+
         learned = keep
         keep, inherited = inherit(cfg, data, target, groups, keep)
         if is_global_zero():
-            inherited["channels_changed"] = {
-                g: int((learned[g].bool() & ~keep[g].bool()).sum()) for g in keep
-            }
-            print(_inherit_line(inherited), flush=True)
+            inherited["channels_changed"] = channels_changed(learned, keep)
+            print(inheritance_line(inherited, "fine-tuning steps", "accuracy on the", "%"), flush=True)
     pruned = task_of(data).surgery(target, groups, keep, verify=bool(cfg.verify))
     save_model(pruned, stage, data, made_by="pnp-prune")
     write_keep(stage.path / KEEP_FILE, groups, keep, info)
@@ -629,16 +629,6 @@ def _floor_line(info: dict) -> str:
     more = f" and {len(lifted) - 4} more" if len(lifted) > 4 else ""
     return (f"[pnp] {len(lifted)} group(s) kept at the width floor (readout.min_share={info['min_share']} of the uniform "
             f"keep ratio {info['uniform_keep_ratio']:.3f}) where the scores kept fewer: {shown}{more}")
-
-
-def _inherit_line(record: dict) -> str:
-    tried = record.get("lookahead_accuracy") or {}
-    how = ""
-    if tried:
-        how = f" (after {record['steps']} fine-tuning steps each, accuracy on the {record['evaluated_on']}: " + ", ".join(
-            f"{name} {acc:.2f}%" for name, acc in tried.items()) + ")"
-    changed = sum(record.get("channels_changed", {}).values())
-    return f"[pnp] weights inherited from the {record['choice']!r} channels{how}; {changed} kept channels differ from the pruner's picks"
 
 
 def write_plots(directory: Path, original: nn.Module, kept: dict, sizes: dict, models: list[tuple[str, dict | None]]) -> dict:

@@ -43,7 +43,9 @@ from pnp.core.io import (
     write_json_atomic, write_keep_decisions,
 )
 from pnp.core.criteria import CRITERIA
-from pnp.training.inherit import AUTO, LEARNED, Inheritance, keeps_by_candidate, select_inheritance
+from pnp.training.inherit import (
+    AUTO, LEARNED, Inheritance, channels_changed, inheritance_line, keeps_by_candidate, select_inheritance,
+)
 from pnp.training.report import format_count, render_table
 from pnp.training.runs import StageDir, is_global_zero
 
@@ -302,8 +304,8 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
         if inherit == AUTO:
             chosen, evaluated_on = lookahead_inheritance(cfg, out, name, detector, groups, keep, lookahead, lookahead_lr)
             keep = chosen.keep
-            info["inheritance"] = {**chosen.to_dict(), "evaluated_on": evaluated_on, "channels_changed": {
-                g: int((learned[g].bool() & ~keep[g].bool()).sum()) for g in keep}}
+            info["inheritance"] = {**chosen.to_dict(), "evaluated_on": evaluated_on,
+                                   "channels_changed": channels_changed(learned, keep)}
         elif inherit != LEARNED:
             from pnp.detection.pruning import rank_detector_channels
 
@@ -317,7 +319,7 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
             print(f"[pnp] {len(groups)} channel groups ({groups.total_channels} channels) pruned under one budget; "
                   f"left out: " + "; ".join(f"{n} ({why})" for n, why in groups.excluded.items()), flush=True)
             if "inheritance" in info:
-                print(_inherit_line(info["inheritance"]), flush=True)
+                print(inheritance_line(info["inheritance"], "training iterations", "box AP on"), flush=True)
         pruned = prune_detector(detector, groups, keep)
         if is_global_zero():
             write_keep_decisions(out / "logs" / name / KEEP_FILE, groups, keep, _plain(info))
@@ -400,15 +402,6 @@ def _lookahead_splits(train: str, images: int, stage_dir: Path) -> tuple[str, st
                 d for i, d in enumerate(DatasetCatalog.get(train)) if (i in held_out) == scored])
             MetadataCatalog.get(split).set(**metadata)
     return names[0], names[1], count
-
-
-def _inherit_line(record: dict) -> str:
-    tried = ", ".join(f"{n} {ap:.2f}" for n, ap in record["lookahead_AP"].items())
-    skipped = f"; skipped {', '.join(record['skipped'])}" if record["skipped"] else ""
-    changed = sum(record["channels_changed"].values())
-    return (f"[pnp] weights inherited from the {record['choice']!r} channels (after {record['steps']} training "
-            f"iterations each, box AP on {record['evaluated_on']}: {tried}{skipped}); {changed} kept channels differ "
-            "from the pruner's picks")
 
 
 def criterion_scores(cfg, out: str | Path, criterion: str, scope: str = "detector") -> dict[str, torch.Tensor]:

@@ -65,6 +65,27 @@ class Inheritance:
         return {"choice": self.choice, f"lookahead_{self.metric}": self.scores, "skipped": self.skipped, "steps": self.steps}
 
 
+def channels_changed(learned: Mapping[str, torch.Tensor], keep: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Per group, how many of the pruner's picks (``learned``) the inherited ``keep`` dropped."""
+    return {g: int((learned[g].bool() & ~keep[g].bool()).sum()) for g in keep}
+
+
+def inheritance_line(record: dict, steps: str, label: str, unit: str = "") -> str:
+    """The console line for an :meth:`Inheritance.to_dict` record with ``evaluated_on`` and ``channels_changed``.
+
+    ``steps`` names the look-ahead's steps (e.g. "fine-tuning steps"), ``label`` what
+    its scores are (e.g. "accuracy on the"), ``unit`` follows each score.
+    """
+    tried = next((v for k, v in record.items() if k.startswith("lookahead_")), None) or {}
+    how = ""
+    if tried:
+        skipped = f"; skipped {', '.join(record['skipped'])}" if record.get("skipped") else ""
+        how = (f" (after {record['steps']} {steps} each, {label} {record['evaluated_on']}: "
+               + ", ".join(f"{name} {score:.2f}{unit}" for name, score in tried.items()) + f"{skipped})")
+    changed = sum(record.get("channels_changed", {}).values())
+    return f"[pnp] weights inherited from the {record['choice']!r} channels{how}; {changed} kept channels differ from the pruner's picks"
+
+
 def select_inheritance(
     keeps: Mapping[str, Mapping[str, torch.Tensor]],
     score: Callable[[str, Mapping[str, torch.Tensor]], float],
