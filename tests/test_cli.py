@@ -47,6 +47,7 @@ def snapshot(directory: Path) -> dict:
         ("readout.budget=0", "readout.budget", "0.0"),
         ("inherit.choice=best", "inherit.choice", "'best'"),
         ("inherit.candidates=[learned,l7]", "inherit.candidates[1]", "'l7'"),
+        ("inherit.widths_from=[magnitude,l9]", "inherit.widths_from[1]", "'l9'"),
         ("inherit.steps=0", "inherit.steps", "0"),
         ("trainer.devices=0", "trainer.devices", "0"),
         ("trainer.precision=8", "trainer.precision", "'8'"),

@@ -99,6 +99,21 @@ def test_lookahead_chooses_the_channels_that_fine_tune_better(setup):
     assert again.scores == chosen.scores  # same batches, same seed: the same comparison
 
 
+def test_a_criterions_own_widths_compete_with_the_learned_widths(setup):
+    """A rival (a criterion's read-out, with widths of its own) is scored after the candidates at the learned
+    widths; when it fine-tunes better, its decisions are taken as they are, widths and all."""
+    model, example, groups, keep, train_loader, held_out = setup  # keep: the four dead channels
+    rival = {"conv": torch.tensor([False] * 5 + [True] * 3)}  # three live channels: another width
+    chosen = choose_inheritance(model, groups, keep, example, ["learned"], train_loader, held_out,
+                                steps=40, lr=0.1, rivals={"widths:l1": rival})
+    assert list(chosen.scores) == ["learned", "widths:l1"]
+    assert chosen.choice == "widths:l1" and torch.equal(chosen.keep["conv"], rival["conv"])
+    assert chosen.scores["widths:l1"] > 90.0 > chosen.scores["learned"]
+    level = choose_inheritance(model, groups, keep, example, ["learned"], train_loader, held_out,
+                               steps=40, lr=0.1, rivals={"widths:l1": keep})
+    assert level.choice == "learned"  # a tie goes to the learned widths
+
+
 def test_selection_takes_the_best_score_and_on_a_tie_the_earlier_candidate():
     """The choice any task's look-ahead feeds: every candidate scored once, in order; skipped ones recorded."""
     keeps = {name: {"conv": torch.arange(4) % (i + 2) == 0} for i, name in enumerate(["learned", "l1", "magnitude"])}

@@ -103,10 +103,14 @@ def test_pipeline_writes_report_plots_logs_and_config(finished_run):
     assert set(saved["stages"]) == {"train", "train_pruner", "prune", "finetune"}
     assert all(s["time_s"] > 0 for s in saved["stages"].values())
     prune = json.loads((out / "prune" / "report.json").read_text())
-    inherit = prune["inherit"]  # weights inherited as the look-ahead chose, at the learned widths
-    assert set(inherit["lookahead_accuracy"]) == {"learned", "l1", "magnitude"}
+    inherit = prune["inherit"]  # weights inherited as the look-ahead chose: at the learned widths, or magnitude's own
+    assert set(inherit["lookahead_accuracy"]) == {"learned", "l1", "magnitude", "widths:magnitude"}
     assert inherit["choice"] == max(inherit["lookahead_accuracy"], key=inherit["lookahead_accuracy"].get)
     assert prune["readout"]["channels_kept"] == sum(prune["channels_kept"].values())
+    if inherit["choice"] == "widths:magnitude":  # the read-out that was cut, with the pruner's beside it
+        assert prune["readout"]["criterion"] == "magnitude" and "threshold" in prune["readout"]["learned"]
+    else:
+        assert "criterion" not in prune["readout"]
 
     for plot in ("channels_per_layer.png", "accuracy_vs_flops.png"):
         assert (out / plot).read_bytes()[:8] == PNG_MAGIC

@@ -172,6 +172,10 @@ class InheritConfig:
     # for `steps` SGD steps, and the best accuracy on held-out images wins
     choice: str = "auto"
     candidates: list[str] = field(default_factory=lambda: ["learned", "l1", "magnitude"])
+    # with a budget and "auto": these criteria's own read-outs (their widths and channels, at
+    # readout.budget) compete in the look-ahead too, so learned widths that starve a layer
+    # lose to a criterion's instead of reaching fine-tuning ([]: the learned widths only)
+    widths_from: list[str] = field(default_factory=lambda: ["magnitude"])
     steps: int = 200
     lr: float = 0.01
     # held-out images the candidates are compared on (the validation split; without one,
@@ -433,6 +437,8 @@ def _check_inherit(cfg: DictConfig) -> None:
         _require(len(candidates) > 0, "inherit.candidates", candidates, f"name at least one of {', '.join(valid)}")
         for i, name in enumerate(candidates):
             _require(name in valid, f"inherit.candidates[{i}]", name, f"must be one of {', '.join(valid)}")
+        for i, name in enumerate(cfg.inherit.widths_from):
+            _require(name in CRITERIA, f"inherit.widths_from[{i}]", name, f"must be one of {', '.join(CRITERIA)}")
     _number(cfg, "inherit.steps", low=1)
     _number(cfg, "inherit.lr", low=0, low_open=True)
     _number(cfg, "inherit.eval_samples", low=1)

@@ -539,20 +539,22 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
     """Keep decisions at the learned widths, their channels picked as ``cfg.inherit`` says; and what was decided.
 
     With ``inherit.choice=auto`` every candidate is cut and fine-tuned briefly on the
-    same batches; rank 0's choice is used on every rank.
+    same batches; with a budget, the read-outs of the ``inherit.widths_from`` criteria
+    (their own widths) compete too. Rank 0's choice is used on every rank. Returns the
+    decisions, the record, and the read-out's info when a criterion's widths won (else None).
     """
-    from pnp.training.inherit import LEARNED, Inheritance, candidate_keeps, choose_inheritance
+    from pnp.training.inherit import LEARNED, WIDTHS, Inheritance, candidate_keeps, choose_inheritance
 
     c = cfg.inherit
     if c.choice == LEARNED:
-        return keep, Inheritance(LEARNED, keep).to_dict()
+        return keep, Inheritance(LEARNED, keep).to_dict(), None
     dm = data.module
     gradient_batches = criterion_batches(data)
     if c.choice != "auto":
         keeps, skipped = candidate_keeps(target, groups, keep, [c.choice], gradient_batches)
         if not keeps:
             raise ValueError(f"inherit.choice {c.choice!r} does not apply to this model: {skipped[c.choice]}")
-        return keeps[c.choice], Inheritance(c.choice, keeps[c.choice]).to_dict()
+        return keeps[c.choice], Inheritance(c.choice, keeps[c.choice]).to_dict(), None
     if dm.val_size:
         eval_loader, evaluated_on = dm.validation_subset_dataloader(int(c.eval_samples)), "validation split"
     else:
@@ -560,11 +562,24 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     chosen = None
     if is_global_zero():
-        chosen = choose_inheritance(
+        rivals, rival_info, unusable = {}, {}, {}
+        if cfg.readout.budget is not None:
+            for name in dict.fromkeys(c.widths_from):
+                try:
+                    scores = criterion_scores(cfg, data, target, groups, name)
+                except ConfigError as exc:
+                    unusable[WIDTHS + name] = str(exc)
+                    continue
+                rivals[WIDTHS + name], rival_info[WIDTHS + name] = read_out(cfg, groups, scores, ("inherit.widths_from", name))
+                rival_info[WIDTHS + name]["criterion"] = name
+        found = choose_inheritance(
             target, groups, keep, data.example_inputs, list(c.candidates), dm.train_dataloader, eval_loader,
             steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,
+            rivals=rivals,
         )
-        chosen = ({k: v.cpu() for k, v in chosen.keep.items()}, {**chosen.to_dict(), "evaluated_on": evaluated_on})
+        record = {**found.to_dict(), "evaluated_on": evaluated_on}
+        record["skipped"].update(unusable)
+        chosen = ({k: v.cpu() for k, v in found.keep.items()}, record, rival_info.get(found.choice))
     return _broadcast(chosen)
 
 
@@ -596,7 +611,9 @@ def prune(
         from pnp.training.inherit import channels_changed, inheritance_line
 
         learned = keep
-        keep, inherited = inherit(cfg, data, target, groups, keep)
+        keep, inherited, rival = inherit(cfg, data, target, groups, keep)
+        if rival is not None:  # a criterion's own widths won the look-ahead: its read-out is what was cut
+            info = {**rival, "learned": info}
         if is_global_zero():
             inherited["channels_changed"] = channels_changed(learned, keep)
             print(inheritance_line(inherited, "fine-tuning steps", "accuracy on the", "%"), flush=True)

@@ -12,8 +12,12 @@ observation and picks the weight-inheritance criterion per architecture.
 (``"learned"``, the pruner's picks, or a :mod:`pnp.core.criteria` name) keeps the
 learned widths (:func:`keeps_by_candidate`); the task scores each by a look-ahead
 (cut, fine-tune briefly on the same batches, evaluate on held-out data) and the
-best score is taken. :func:`choose_inheritance` is that look-ahead for
-classification; the detection stages (:mod:`pnp.detection.pipeline`) have theirs.
+best score is taken. Rivals with widths of their own (``widths:CRITERION``, a
+criterion's read-out at the same budget) can enter the same look-ahead: where a
+frozen target gated to a tight budget is at chance, its task loss no longer says
+which layer needs width, and learned widths can starve a layer that a criterion's
+widths do not. :func:`choose_inheritance` is that look-ahead for classification;
+the detection stages (:mod:`pnp.detection.pipeline`) have theirs.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pnp.training.report import evaluate_accuracy
 
 LEARNED = "learned"
 AUTO = "auto"
+WIDTHS = "widths:"  # a look-ahead candidate with a criterion's own widths: "widths:magnitude"
 
 
 def check_inherit(choice: str, candidates: Sequence[str]) -> None:
@@ -83,6 +88,9 @@ def inheritance_line(record: dict, steps: str, label: str, unit: str = "") -> st
         how = (f" (after {record['steps']} {steps} each, {label} {record['evaluated_on']}: "
                + ", ".join(f"{name} {score:.2f}{unit}" for name, score in tried.items()) + f"{skipped})")
     changed = sum(record.get("channels_changed", {}).values())
+    if record["choice"].startswith(WIDTHS):
+        return (f"[pnp] the {record['choice'][len(WIDTHS):]!r} criterion's own widths and channels beat the learned widths{how}; "
+                f"{changed} of the pruner's picks are not kept")
     return f"[pnp] weights inherited from the {record['choice']!r} channels{how}; {changed} kept channels differ from the pruner's picks"
 
 
@@ -205,15 +213,19 @@ def choose_inheritance(
     device: str | torch.device = "cpu",
     seed: int = 0,
     gradient_batches: Iterable | None = None,
+    rivals: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Inheritance:
     """Cut ``target`` once per candidate, fine-tune each briefly, take the best held-out accuracy.
 
     ``train_loader_fn()`` must give the same batches in the same order on every
     call, so that every candidate sees the same data. Ties go to the earlier
-    candidate. ``target`` is not changed.
+    candidate. ``rivals`` are keep decisions with widths of their own (named
+    ``widths:CRITERION``, a criterion's own read-out), tried after the candidates
+    at the learned widths. ``target`` is not changed.
     """
     check_inherit(AUTO, candidates)
     keeps, skipped = candidate_keeps(target, groups, keep, candidates, gradient_batches)
+    keeps.update({name: dict(k) for name, k in (rivals or {}).items()})
 
     def score(name: str, k: Mapping[str, torch.Tensor]) -> float:
         pruned = apply_surgery(copy.deepcopy(target), groups, k, example_inputs, verify=False)
