@@ -177,7 +177,7 @@ def run_model(profile: Profile, arch: str, depth: int, datasets: tuple[str, str]
     train_detector_pruner(cfg, out, r.pruner_iters, r.budget, lr=r.pruner_lr, sparsity_weight=r.sparsity_weight,
                           scope=r.scope)
     prune_baseline(cfg, out, r.budget, scope=r.scope, inherit=r.inherit, inherit_candidates=r.inherit_candidates,
-                   lookahead_iters=r.lookahead_iters, lookahead_images=r.lookahead_images, lookahead_lr=r.finetune_lr,
+                   widths_from=r.widths_from, lookahead_iters=r.lookahead_iters, lookahead_images=r.lookahead_images, lookahead_lr=r.finetune_lr,
                    **readout)
     criterion = f"pruned_{profile.criterion}"
     if not (out / criterion).is_dir():

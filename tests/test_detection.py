@@ -255,6 +255,7 @@ from pnp.detection.pruning import (  # noqa: E402
     kept_feature_channels,
     prune_detector,
     pruned_config,
+    rank_detector_channels,
 )
 
 
@@ -803,29 +804,38 @@ def test_auto_inheritance_keeps_the_learned_widths_and_takes_the_best_candidates
                                                lookahead_iters=2, lookahead_images=3))
     record = auto.pnp_metadata["readout"]["inheritance"]
     tried = record["lookahead_AP"]
-    assert list(tried) == ["learned", "l1", "magnitude"] and record["skipped"] == {} and record["steps"] == 2
+    assert list(tried) == ["learned", "l1", "magnitude", "widths:magnitude"]
+    assert record["skipped"] == {} and record["steps"] == 2
     assert record["choice"] == max(tried, key=tried.get)  # the best, the earlier on a tie
     assert record["evaluated_on"] == "3 training images the look-ahead did not train on"
-    assert f"weights inherited from the {record['choice']!r} channels" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"weights inherited from the {record['choice']!r} channels" in printed or "own widths and channels beat" in printed
     assert load(out / "logs" / "auto" / "keep.json")["readout"]["inheritance"]["choice"] == record["choice"]
 
-    fixed = load_pruned_detector(prune_baseline(cfg, out, 0.5, scores=scores, name="fixed", inherit=record["choice"]))
-    learned = load_pruned_detector(prune_baseline(cfg, out, 0.5, scores=scores, name="learned"))
-    assert auto.pnp_channel_spec.groups == fixed.pnp_channel_spec.groups  # the chosen candidate's channels
-    assert {k: len(v) for k, v in auto.pnp_channel_spec.groups.items()} == {
-        k: len(v) for k, v in learned.pnp_channel_spec.groups.items()}  # at the learned widths
+    # each candidate is what a fixed choice cuts: the learned widths filled by its channels, or magnitude's read-out
+    fixed = {choice: load_pruned_detector(prune_baseline(cfg, out, 0.5, scores=scores, name=f"fixed_{choice}", inherit=choice))
+             for choice in ("learned", "l1", "magnitude")}
+    own = load_pruned_detector(prune_baseline(cfg, out, 0.5, scores=rank_detector_channels(detector, groups, "magnitude"),
+                                              name="own_magnitude"))
+    expected = own if record["choice"] == "widths:magnitude" else fixed[record["choice"]]
+    assert auto.pnp_channel_spec.groups == expected.pnp_channel_spec.groups
+    widths = {name: {k: len(v) for k, v in m.pnp_channel_spec.groups.items()} for name, m in (("learned", fixed["learned"]), ("own", own))}
+    assert widths["learned"] != widths["own"]  # the rival is another architecture
+    readout = auto.pnp_metadata["readout"]
+    assert (readout.get("criterion") == "magnitude") == (record["choice"] == "widths:magnitude")
 
     lookahead = out / "logs" / "auto" / "lookahead"
-    assert sorted(p.name for p in lookahead.iterdir()) == ["l1", "learned", "magnitude"]
+    assert sorted(p.name for p in lookahead.iterdir()) == ["l1", "learned", "magnitude", "widths:magnitude"]
     assert not list(lookahead.glob("*/model_*.pth"))  # the candidates' checkpoints go
     split = {n.rsplit("_", 1)[1]: DatasetCatalog.get(n) for n in DatasetCatalog.list()
              if n.startswith(f"{cfg.DATASETS.TRAIN[0]}_lookahead_")}
     held_out = {d["file_name"] for d in split["heldout"]}
     assert len(held_out) == 3 and held_out.isdisjoint(d["file_name"] for d in split["train"])
     assert len(split["train"]) + 3 == len(DatasetCatalog.get(cfg.DATASETS.TRAIN[0]))
-    settings = {n: load(out / "logs" / n / "stage.json")["config"] for n in ("auto", "learned")}
+    settings = {n: load(out / "logs" / n / "stage.json")["config"] for n in ("auto", "fixed_learned")}
     assert settings["auto"]["inherit"] == "auto" and settings["auto"]["lookahead_iters"] == 2
-    assert not {"inherit", "inherit_candidates", "lookahead_iters"} & set(settings["learned"])  # older records still match
+    assert settings["auto"]["widths_from"] == ["magnitude"]
+    assert not {"inherit", "inherit_candidates", "lookahead_iters", "widths_from"} & set(settings["fixed_learned"])
 
 
 def test_bad_lookahead_settings_are_named():
@@ -836,6 +846,10 @@ def test_bad_lookahead_settings_are_named():
     auto = cli.recipe_of(parse(["--dataset-dir", "d", "--inherit", "auto", "--inherit-candidates", "l1", "learned",
                                 "--lookahead-iters", "5"]))
     assert (auto.inherit, auto.inherit_candidates, auto.lookahead_iters) == ("auto", ("l1", "learned"), 5)
+    assert auto.widths_from == ("magnitude",)
+    assert cli.recipe_of(parse(["--dataset-dir", "d", "--inherit", "auto", "--widths-from"])).widths_from == ()
+    with pytest.raises(ValueError, match="^widths_from has 'learned', which is not one of"):
+        DetectionRecipe(inherit="auto", widths_from=("learned",)).check()
     with pytest.raises(ValueError, match="^--lookahead-iters 0 must be at least 1"):
         cli.recipe_of(parse(["--dataset-dir", "d", "--inherit", "auto", "--lookahead-iters", "0"]))
     with pytest.raises(ValueError, match="^--lookahead-images -1 must be at least 1"):

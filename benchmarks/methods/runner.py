@@ -320,16 +320,16 @@ def run_one(run: Run, data: stages.Data, baseline: stages.StageResult, groups) -
     pruned = None
     if "prune" in dirs:
         source = keep = info = None
-        inherit, before = True, None
+        inherit, before, times = True, None, None
         if state["prune"] != "done":
             prepared = [name for name in dirs if name not in ("train", "prune", "finetune")]
             ctx = Context(cfg, data, baseline.model, baseline.report["model"], groups,
                           {n: dirs[n] for n in prepared}, {n: state[n] for n in prepared})
             choice = METHODS[run.method].choose(ctx)
             source, keep, inherit, before = copy.deepcopy(choice.source), choice.keep, choice.inherit, choice.before
-            info = {**choice.info, "select_steps_s": choice.times}  # kept in the prune stage's report
+            info, times = choice.info, {"select_steps_s": choice.times}  # kept in the prune stage's report
         pruned = stages.prune(cfg, data, dirs["prune"], state["prune"], source, groups, keep, info, before=before,
-                              inherit_weights=inherit)
+                              inherit_weights=inherit, extra=times)
     teacher = copy.deepcopy(baseline.model) if cfg.finetune.kd_weight > 0 else None
     start = pruned.model if pruned is not None else baseline.model
     tuned = stages.finetune(cfg, data, dirs["finetune"], state["finetune"], copy.deepcopy(start), teacher)
@@ -346,7 +346,8 @@ def record(run: Run, base: dict, pruned: dict | None, tuned: dict, model, input_
     cfg = run.cfg
     before, after = base["model"], tuned["model"]
     batch, threads = max(cfg.report.latency_batch_sizes), cfg.report.latency_threads[0]
-    steps = {**pruned["readout"].get("select_steps_s", {}), "prune_s": pruned["time_s"]} if pruned else {}
+    # stages made before the times had their own field kept them in the read-out's record
+    steps = {**pruned.get("select_steps_s", pruned["readout"].get("select_steps_s", {})), "prune_s": pruned["time_s"]} if pruned else {}
     select_s = sum(steps.values())
     out = {
         "model": cfg.model.name,

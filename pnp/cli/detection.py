@@ -46,6 +46,8 @@ def argument_parser() -> argparse.ArgumentParser:
         ("--inherit", str, "which channels fill the learned widths: the pruner's picks, a criterion's, or auto: the best "
                            "of --inherit-candidates after --lookahead-iters training iterations each"),
         ("--inherit-candidates", str, "what --inherit auto tries"),
+        ("--widths-from", str, "--inherit auto: criteria whose own widths (their read-out at the budget) compete with "
+                               "the learned widths"),
         ("--lookahead-iters", int, "--inherit auto: training iterations per candidate, at the fine-tuning learning rate"),
         ("--lookahead-images", int, "--inherit auto: training images (at most half) held out of its training, on "
                                     "which the candidates' box AP is compared"),
@@ -57,8 +59,9 @@ def argument_parser() -> argparse.ArgumentParser:
         ("--finetune-iters", int, "fine-tuning iterations (default: SOLVER.MAX_ITER)"),
         ("--finetune-lr", float, "fine-tuning learning rate (default: SOLVER.BASE_LR)"),
     ]
-    choices = {"--scope": list(SCOPES), "--inherit": [*INHERIT_SOURCES, "auto"], "--inherit-candidates": list(INHERIT_SOURCES)}
-    nargs = {"--inherit-candidates": "+"}
+    choices = {"--scope": list(SCOPES), "--inherit": [*INHERIT_SOURCES, "auto"], "--inherit-candidates": list(INHERIT_SOURCES),
+               "--widths-from": list(INHERIT_SOURCES[1:])}
+    nargs = {"--inherit-candidates": "+", "--widths-from": "*"}
     for flag, kind, text in flags:
         default = getattr(recipe, flag[2:].replace("-", "_"))
         p.add_argument(flag, type=kind, default=None, choices=choices.get(flag), nargs=nargs.get(flag),
@@ -66,7 +69,8 @@ def argument_parser() -> argparse.ArgumentParser:
     return p
 
 
-RECIPE_FLAGS = ("budget", "scope", "round_to", "min_channels", "min_share", "inherit", "inherit_candidates", "lookahead_iters",
+RECIPE_FLAGS = ("budget", "scope", "round_to", "min_channels", "min_share", "inherit", "inherit_candidates", "widths_from",
+                "lookahead_iters",
                 "lookahead_images", "pruner_iters", "pruner_lr", "sparsity_weight", "kd_fpn", "kd_cls", "finetune_iters",
                 "finetune_lr")
 
@@ -76,8 +80,9 @@ def recipe_of(args: argparse.Namespace):
     from pnp.detection.pipeline import DetectionRecipe
 
     given = {name: getattr(args, name) for name in RECIPE_FLAGS if getattr(args, name) is not None}
-    if "inherit_candidates" in given:  # a list from the command line; the recipe holds a tuple
-        given["inherit_candidates"] = tuple(given["inherit_candidates"])
+    for name in ("inherit_candidates", "widths_from"):  # lists from the command line; the recipe holds tuples
+        if name in given:
+            given[name] = tuple(given[name])
     recipe = DetectionRecipe(**given)
     if "kd_cls" not in given:
         recipe = recipe.for_architecture(args.meta_architecture)

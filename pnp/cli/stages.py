@@ -594,11 +594,12 @@ def prune(
     info: dict,
     before: dict | None = None,
     inherit_weights: bool = True,
+    extra: dict | None = None,
 ) -> StageResult:
     """Cut out what ``keep`` drops, save the pruned model, its keep decisions and a plot of them.
 
     With ``inherit_weights`` the channels kept at ``keep``'s widths are chosen as
-    ``cfg.inherit`` says (see :func:`inherit`).
+    ``cfg.inherit`` says (see :func:`inherit`). ``extra`` fields go into the stage's report.
     """
     if state == "done":
         return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR, trust_builder=data.builder), skipped=True)
@@ -620,7 +621,7 @@ def prune(
     pruned = task_of(data).surgery(target, groups, keep, verify=bool(cfg.verify))
     save_model(pruned, stage, data, made_by="pnp-prune")
     write_keep(stage.path / KEEP_FILE, groups, keep, info)
-    report: dict[str, Any] = {"readout": info}
+    report: dict[str, Any] = {"readout": info, **(extra or {})}
     if inherited is not None:
         report["inherit"] = inherited
     if is_global_zero():

@@ -25,7 +25,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -44,7 +44,7 @@ from pnp.core.io import (
 )
 from pnp.core.criteria import CRITERIA
 from pnp.training.inherit import (
-    AUTO, LEARNED, Inheritance, channels_changed, inheritance_line, keeps_by_candidate, select_inheritance,
+    AUTO, LEARNED, WIDTHS, Inheritance, channels_changed, inheritance_line, keeps_by_candidate, select_inheritance,
 )
 from pnp.training.report import format_count, render_table
 from pnp.training.runs import StageDir, is_global_zero
@@ -268,7 +268,8 @@ def read_scores(out: str | Path) -> dict[str, torch.Tensor]:
 def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "detector",
                    scores: dict[str, torch.Tensor] | None = None, name: str = "pruned", inherit: str = "learned",
                    inherit_candidates: Sequence[str] | None = None, lookahead_iters: int | None = None,
-                   lookahead_images: int | None = None, lookahead_lr: float | None = None, **readout) -> Path:
+                   lookahead_images: int | None = None, lookahead_lr: float | None = None,
+                   widths_from: Sequence[str] | None = None, **readout) -> Path:
     """Read out keep scores at ``budget`` (fraction of the ``scope``'s FLOPs), cut ``out/baseline``; write ``out/<name>``.
 
     ``scores`` default to ``out/pruner``'s; a criterion's scores (``pnp.core.criteria``)
@@ -278,12 +279,14 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
     ``inherit_candidates`` after a short training look-ahead
     (:func:`lookahead_inheritance`: ``lookahead_iters`` iterations at ``lookahead_lr``,
     default ``SOLVER.BASE_LR``, box AP on ``lookahead_images`` held-out training
-    images), as the classification stages' weight inheritance does. What is left
-    None is :class:`DetectionRecipe`'s default. ``readout`` goes to
+    images), as the classification stages' weight inheritance does; with a budget the
+    read-outs of the ``widths_from`` criteria (their own widths) compete in it too.
+    What is left None is :class:`DetectionRecipe`'s default. ``readout`` goes to
     :func:`decide_detector_keep` (``round_to``, ``min_channels``, ``fill``).
     """
     given_lookahead = {"inherit_candidates": None if inherit_candidates is None else tuple(inherit_candidates),
-                       "lookahead_iters": lookahead_iters, "lookahead_images": lookahead_images}
+                       "lookahead_iters": lookahead_iters, "lookahead_images": lookahead_images,
+                       "widths_from": None if widths_from is None else tuple(widths_from)}
     lookahead = replace(DetectionRecipe(inherit=inherit), **{k: v for k, v in given_lookahead.items() if v is not None})
     lookahead.check()  # the recipe's checks name the field and value
     out = Path(out)
@@ -302,8 +305,13 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
         info["left_out"] = dict(groups.excluded)
         learned = keep
         if inherit == AUTO:
-            chosen, evaluated_on = lookahead_inheritance(cfg, out, name, detector, groups, keep, lookahead, lookahead_lr)
+            rivals = _rival_widths(detector, groups, lookahead.widths_from if budget is not None else (),
+                                   budget=budget, scope=scope, **readout)
+            chosen, evaluated_on = lookahead_inheritance(cfg, out, name, detector, groups, keep, lookahead, lookahead_lr,
+                                                         rivals={k: v[0] for k, v in rivals.items()})
             keep = chosen.keep
+            if chosen.choice in rivals:  # a criterion's own widths won: its read-out is what is cut
+                info = {**rivals[chosen.choice][1], "left_out": info["left_out"], "learned": info}
             info["inheritance"] = {**chosen.to_dict(), "evaluated_on": evaluated_on,
                                    "channels_changed": channels_changed(learned, keep)}
         elif inherit != LEARNED:
@@ -330,15 +338,28 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
         settings["inherit"] = inherit  # absent for the default, so records made before the option still match
     if inherit == AUTO:  # what decides the look-ahead's choice; no record from before "auto" has these
         settings.update(inherit_candidates=list(lookahead.inherit_candidates), lookahead_iters=int(lookahead.lookahead_iters),
-                        lookahead_images=int(lookahead.lookahead_images), lookahead_lr=lookahead_lr)
+                        lookahead_images=int(lookahead.lookahead_images), lookahead_lr=lookahead_lr,
+                        widths_from=list(lookahead.widths_from))
     if given:
         settings["scores"] = hashlib.sha256(json.dumps({k: v.tolist() for k, v in sorted(scores.items())}).encode()).hexdigest()[:16]
     inputs = [out / "baseline"] + ([] if given else [out / "pruner" / KEEP_SCORES_FILE])
     return run_stage(out, name, out / name, settings, inputs, run)
 
 
+def _rival_widths(detector: nn.Module, groups, criteria: Sequence[str], **readout) -> dict[str, tuple[dict, dict]]:
+    """``{"widths:CRITERION": (keep, info)}``: each criterion's own read-out (:func:`decide_detector_keep`)."""
+    from pnp.detection.pruning import rank_detector_channels
+
+    rivals = {}
+    for criterion in dict.fromkeys(criteria):
+        keep, info = decide_detector_keep(groups, rank_detector_channels(detector, groups, criterion), **readout)
+        rivals[WIDTHS + criterion] = (keep, {**info, "criterion": criterion})
+    return rivals
+
+
 def lookahead_inheritance(cfg, out: Path, name: str, detector: nn.Module, groups, keep: dict[str, torch.Tensor],
-                          recipe: "DetectionRecipe", base_lr: float | None = None) -> tuple[Inheritance, str]:
+                          recipe: "DetectionRecipe", base_lr: float | None = None,
+                          rivals: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> tuple[Inheritance, str]:
     """Cut ``detector`` once per ``recipe.inherit_candidates``, train each briefly, take the best box AP.
 
     Each candidate is trained for ``recipe.lookahead_iters`` iterations by
@@ -347,8 +368,9 @@ def lookahead_inheritance(cfg, out: Path, name: str, detector: nn.Module, groups
     the same batches, with its logs in ``out/logs/<name>/lookahead/<candidate>``. The validation split is what the
     report's AP is measured on, so the candidates are scored on training images
     instead: ``recipe.lookahead_images`` of them (at most half), held out of the
-    look-ahead's training (:func:`_lookahead_splits`). Returns the choice
-    (:func:`pnp.training.inherit.select_inheritance`) and what it was evaluated on.
+    look-ahead's training (:func:`_lookahead_splits`). ``rivals`` (``widths:CRITERION``,
+    decisions with widths of their own) are scored after the candidates. Returns the
+    choice (:func:`pnp.training.inherit.select_inheritance`) and what it was evaluated on.
     """
     import_detectron2()
     from detectron2.utils import comm
@@ -359,6 +381,7 @@ def lookahead_inheritance(cfg, out: Path, name: str, detector: nn.Module, groups
     trained_on, scored_on, count = _lookahead_splits(cfg.DATASETS.TRAIN[0], recipe.lookahead_images, stage_dir)
     keeps, skipped = keeps_by_candidate(groups, keep, recipe.inherit_candidates,
                                         functools.partial(rank_detector_channels, detector, groups))
+    keeps.update({candidate: dict(k) for candidate, k in (rivals or {}).items()})
     seeded = cfg.clone()
     seeded.defrost()
     seeded.SEED = max(int(cfg.SEED), 0)  # _stage_cfg seeds every generator: the same batches for every candidate
@@ -532,6 +555,8 @@ class DetectionRecipe:
     min_share: float = MIN_SHARE  # no group under this share of the uniform keep ratio at the budget
     inherit: str = "learned"  # which channels fill the learned widths: the pruner's, a criterion's, or "auto"
     inherit_candidates: tuple[str, ...] = ("learned", "l1", "magnitude")  # what inherit="auto" tries
+    # inherit="auto": these criteria's own read-outs (their widths, at the same budget) compete too
+    widths_from: tuple[str, ...] = ("magnitude",)
     lookahead_iters: int = 100  # inherit="auto": training iterations per candidate, at the fine-tuning lr
     lookahead_images: int = 64  # inherit="auto": training images held out to score the candidates on (box AP)
     pruner_iters: int = 100
@@ -556,6 +581,9 @@ class DetectionRecipe:
         for name in self.inherit_candidates:
             if name not in INHERIT_SOURCES:
                 raise ValueError(f"inherit_candidates has {name!r}, which is not one of {list(INHERIT_SOURCES)}")
+        for name in self.widths_from:
+            if name not in INHERIT_SOURCES or name == LEARNED:
+                raise ValueError(f"widths_from has {name!r}, which is not one of {list(INHERIT_SOURCES[1:])}")
         if not 0.0 <= self.min_share <= 1.0:
             raise ValueError(f"min_share {self.min_share} is outside [0, 1]: it is the share of the uniform keep "
                              "ratio every group keeps at least (0: no floor)")
@@ -588,6 +616,7 @@ def run_stages(stages: Sequence[str], cfg, out: str | Path, recipe: DetectionRec
                                   scope=r.scope)
         elif stage == "prune":
             prune_baseline(cfg, out, r.budget, scope=r.scope, inherit=r.inherit, inherit_candidates=r.inherit_candidates,
+                           widths_from=r.widths_from,
                            lookahead_iters=r.lookahead_iters, lookahead_images=r.lookahead_images,
                            lookahead_lr=r.finetune_lr, round_to=r.round_to, min_channels=r.min_channels,
                            min_share=r.min_share)
