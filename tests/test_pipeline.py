@@ -216,6 +216,20 @@ def test_a_target_that_adapts_beside_the_pruner_is_what_both_prune_commands_cut(
     assert all(torch.equal(again[k], v) for k, v in pruned.state_dict().items())
 
 
+def test_without_a_budget_the_criterions_widths_are_skipped_and_say_why(finished_run, tmp_path):
+    """A criterion's own widths are read out at a budget: pnp-prune without one names the rival it could not try."""
+    out, overrides, _ = finished_run
+    data_root = next(o.split("=", 1)[1] for o in overrides if o.startswith("data.root="))
+    single = tmp_path / "single"
+    cfg = compose_config("prune", [f"data.root={data_root}", f"out_dir={single}", "data.val_size=100",
+                                   f"target={out / 'train'}", f"pruner_run={out / 'train_pruner'}", "inherit.steps=2",
+                                   "report.latency_batch_sizes=[1]", "report.latency_repeats=2"])
+    run("prune", cfg, single)
+    inherit = json.loads((single / "report.json").read_text())["inherit"]
+    assert set(inherit["lookahead_accuracy"]) == {"learned", "l1", "magnitude"}
+    assert "no readout.budget" in inherit["skipped"]["widths:magnitude"]
+
+
 def test_an_adapting_target_is_refused_a_negative_rate(tmp_path):
     from pnp.cli.config import ConfigError
 

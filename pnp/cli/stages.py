@@ -563,15 +563,17 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
     chosen = None
     if is_global_zero():
         rivals, rival_info, unusable = {}, {}, {}
-        if cfg.readout.budget is not None:
-            for name in dict.fromkeys(c.widths_from):
-                try:
-                    scores = criterion_scores(cfg, data, target, groups, name)
-                except ConfigError as exc:
-                    unusable[WIDTHS + name] = str(exc)
-                    continue
-                rivals[WIDTHS + name], rival_info[WIDTHS + name] = read_out(cfg, groups, scores, ("inherit.widths_from", name))
-                rival_info[WIDTHS + name]["criterion"] = name
+        for name in dict.fromkeys(c.widths_from):
+            if cfg.readout.budget is None:
+                unusable[WIDTHS + name] = "no readout.budget: a criterion's own widths are read out at a budget"
+                continue
+            try:
+                scores = criterion_scores(cfg, data, target, groups, name)
+            except ConfigError as exc:
+                unusable[WIDTHS + name] = str(exc)
+                continue
+            rivals[WIDTHS + name], rival_info[WIDTHS + name] = read_out(cfg, groups, scores, ("inherit.widths_from", name))
+            rival_info[WIDTHS + name]["criterion"] = name
         found = choose_inheritance(
             target, groups, keep, data.example_inputs, list(c.candidates), dm.train_dataloader, eval_loader,
             steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,
