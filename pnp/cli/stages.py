@@ -543,7 +543,8 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
     (their own widths) compete too. Rank 0's choice is used on every rank. Returns the
     decisions, the record, and the read-out's info when a criterion's widths won (else None).
     """
-    from pnp.training.inherit import LEARNED, WIDTHS, Inheritance, candidate_keeps, choose_inheritance
+    from pnp.core.criteria import rank_channels
+    from pnp.training.inherit import LEARNED, WIDTHS, Inheritance, candidate_keeps, choose_inheritance, rival_widths
 
     c = cfg.inherit
     if c.choice == LEARNED:
@@ -562,26 +563,23 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     chosen = None
     if is_global_zero():
-        rivals, rival_info, unusable = {}, {}, {}
-        for name in dict.fromkeys(c.widths_from):
-            if cfg.readout.budget is None:
-                unusable[WIDTHS + name] = "no readout.budget: a criterion's own widths are read out at a budget"
-                continue
-            try:
-                scores = criterion_scores(cfg, data, target, groups, name)
-            except ConfigError as exc:
-                unusable[WIDTHS + name] = str(exc)
-                continue
-            rivals[WIDTHS + name], rival_info[WIDTHS + name] = read_out(cfg, groups, scores, ("inherit.widths_from", name))
-            rival_info[WIDTHS + name]["criterion"] = name
+        if cfg.readout.budget is None:
+            rivals = {}
+            unusable = {WIDTHS + name: "no readout.budget: a criterion's own widths are read out at a budget"
+                        for name in c.widths_from}
+        else:
+            rivals, unusable = rival_widths(c.widths_from, lambda name: read_out(
+                cfg, groups, rank_channels(target, groups, name, batches=gradient_batches, seed=int(cfg.seed)),
+                ("inherit.widths_from", name)))
         found = choose_inheritance(
             target, groups, keep, data.example_inputs, list(c.candidates), dm.train_dataloader, eval_loader,
             steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,
-            rivals=rivals,
+            rivals={name: k for name, (k, _) in rivals.items()},
         )
         record = {**found.to_dict(), "evaluated_on": evaluated_on}
         record["skipped"].update(unusable)
-        chosen = ({k: v.cpu() for k, v in found.keep.items()}, record, rival_info.get(found.choice))
+        rival = rivals.get(found.choice)
+        chosen = ({k: v.cpu() for k, v in found.keep.items()}, record, rival[1] if rival else None)
     return _broadcast(chosen)
 
 

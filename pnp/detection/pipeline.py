@@ -44,7 +44,8 @@ from pnp.core.io import (
 )
 from pnp.core.criteria import CRITERIA
 from pnp.training.inherit import (
-    AUTO, LEARNED, WIDTHS, Inheritance, channels_changed, inheritance_line, keeps_by_candidate, select_inheritance,
+    AUTO, LEARNED, Inheritance, channels_changed, inheritance_line, keeps_by_candidate, rival_widths,
+    select_inheritance,
 )
 from pnp.training.report import format_count, render_table
 from pnp.training.runs import StageDir, is_global_zero
@@ -305,8 +306,10 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
         info["left_out"] = dict(groups.excluded)
         learned = keep
         if inherit == AUTO:
-            rivals = _rival_widths(detector, groups, lookahead.widths_from if budget is not None else (),
-                                   budget=budget, scope=scope, **readout)
+            from pnp.detection.pruning import rank_detector_channels
+
+            rivals, _ = rival_widths(lookahead.widths_from if budget is not None else (), lambda criterion: decide_detector_keep(
+                groups, rank_detector_channels(detector, groups, criterion), budget=budget, scope=scope, **readout))
             chosen, evaluated_on = lookahead_inheritance(cfg, out, name, detector, groups, keep, lookahead, lookahead_lr,
                                                          rivals={k: v[0] for k, v in rivals.items()})
             keep = chosen.keep
@@ -344,17 +347,6 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
         settings["scores"] = hashlib.sha256(json.dumps({k: v.tolist() for k, v in sorted(scores.items())}).encode()).hexdigest()[:16]
     inputs = [out / "baseline"] + ([] if given else [out / "pruner" / KEEP_SCORES_FILE])
     return run_stage(out, name, out / name, settings, inputs, run)
-
-
-def _rival_widths(detector: nn.Module, groups, criteria: Sequence[str], **readout) -> dict[str, tuple[dict, dict]]:
-    """``{"widths:CRITERION": (keep, info)}``: each criterion's own read-out (:func:`decide_detector_keep`)."""
-    from pnp.detection.pruning import rank_detector_channels
-
-    rivals = {}
-    for criterion in dict.fromkeys(criteria):
-        keep, info = decide_detector_keep(groups, rank_detector_channels(detector, groups, criterion), **readout)
-        rivals[WIDTHS + criterion] = (keep, {**info, "criterion": criterion})
-    return rivals
 
 
 def lookahead_inheritance(cfg, out: Path, name: str, detector: nn.Module, groups, keep: dict[str, torch.Tensor],

@@ -143,6 +143,24 @@ def keeps_by_candidate(
     return keeps, skipped
 
 
+def rival_widths(
+    criteria: Iterable[str], read_out: Callable[[str], tuple[Mapping[str, torch.Tensor], dict]]
+) -> tuple[dict[str, tuple[dict[str, torch.Tensor], dict]], dict[str, str]]:
+    """``{"widths:CRITERION": (keep, info)}`` from ``read_out(criterion)``, the task's read-out of a criterion's scores
+    at the budget; and the criteria that do not apply (``read_out`` raised :class:`CriterionNotApplicableError`), with why.
+    """
+    rivals: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
+    skipped: dict[str, str] = {}
+    for criterion in dict.fromkeys(criteria):
+        try:
+            keep, info = read_out(criterion)
+        except CriterionNotApplicableError as e:
+            skipped[WIDTHS + criterion] = str(e)
+            continue
+        rivals[WIDTHS + criterion] = (dict(keep), {**info, "criterion": criterion})
+    return rivals, skipped
+
+
 def candidate_keeps(
     target: nn.Module,
     groups: ChannelGroups,
