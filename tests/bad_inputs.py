@@ -29,10 +29,10 @@ QUICK = ["data.val_size=100", "data.batch_size=50", "report.latency_batch_sizes=
 _TRAINER = ["trainer.limit_train_batches=2", "trainer.enable_progress_bar=false"]
 QUICK_SECTIONS = {
     "pnp-train": [*_TRAINER, "train.epochs=1"],
-    "pnp-train-pruner": [*_TRAINER, "pruner.epochs=1", "pruner.calibration_samples=100"],
+    "pnp-train-pruner": [*_TRAINER, "pruner.epochs=1", "pruner.min_steps=0", "pruner.calibration_samples=100"],
     "pnp-prune": ["inherit.steps=2"],
     "pnp-finetune": [*_TRAINER, "finetune.epochs=1"],
-    "pnp-pipeline": [*_TRAINER, "train.epochs=1", "pruner.epochs=1", "pruner.calibration_samples=100", "inherit.steps=2",
+    "pnp-pipeline": [*_TRAINER, "train.epochs=1", "pruner.epochs=1", "pruner.min_steps=0", "pruner.calibration_samples=100", "inherit.steps=2",
                      "finetune.epochs=1"],
 }
 

@@ -263,7 +263,7 @@ def test_bench_methods_full_profile_runs_in_miniature(tmp_path):
     # small images and no validation split (no validation passes, no best-epoch checkpoints) keep it short
     tiny = [
         "data.batch_size=16", "data.image_size=16", "data.val_size=0", "trainer.limit_train_batches=2",
-        "train.epochs=1", "finetune.epochs=1", "pruner.epochs=1", "pruner.calibration_samples=16", "inherit.steps=2",
+        "train.epochs=1", "finetune.epochs=1", "pruner.epochs=1", "pruner.min_steps=0", "pruner.calibration_samples=16", "inherit.steps=2",
         "inherit.eval_samples=16", "report.latency_repeats=1", "report.latency_batch_sizes=[1,2]",
     ]
     out = tmp_path / "out"

@@ -32,7 +32,7 @@ def test_two_ranks_read_out_the_same_keep_decisions(tmp_path):
         sys.executable, str(REPO / "tools" / "train_pruner.py"),
         f"target={tmp_path / 'target'}", f"data.root={data_root}", f"out_dir={out}",
         "data.val_size=100", "data.batch_size=50",
-        "pruner.epochs=1", "pruner.calibration_samples=200",
+        "pruner.epochs=1", "pruner.min_steps=0", "pruner.calibration_samples=200",
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
         "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
     ]
@@ -64,7 +64,7 @@ def test_pipeline_on_two_ranks_cuts_the_same_inherited_channels(tmp_path):
     out = tmp_path / "run"
     command = [
         sys.executable, str(REPO / "tools" / "pipeline.py"), f"data.root={data_root}", f"out_dir={out}",
-        "data.val_size=100", "data.batch_size=50", "train.epochs=1", "pruner.epochs=1",
+        "data.val_size=100", "data.batch_size=50", "train.epochs=1", "pruner.epochs=1", "pruner.min_steps=0",
         "pruner.calibration_samples=100", "finetune.epochs=1", "inherit.steps=3",
         "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
         "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",

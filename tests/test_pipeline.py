@@ -58,6 +58,7 @@ def quick_overrides(data_root: Path, out_dir: Path) -> list[str]:
         "train.epochs=1",
         "train.lr=0.05",
         "pruner.epochs=1",
+        "pruner.min_steps=0",
         "pruner.calibration_samples=100",
         "finetune.epochs=1",
         "inherit.steps=3",
@@ -73,7 +74,9 @@ def finished_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipeline")
     data_root = write_fashion_mnist(base / "fashion")
     out = base / "run"
-    overrides = quick_overrides(data_root, out) + ["finetune.kd_weight=0.5"]
+    # 6 batches an epoch: the pruner's 1 epoch becomes 2 to reach 12 optimizer steps
+    overrides = [o for o in quick_overrides(data_root, out) if not o.startswith("pruner.min_steps")]
+    overrides += ["finetune.kd_weight=0.5", "pruner.min_steps=12"]
     report = run("pipeline", compose_config("pipeline", overrides), out)
     return out, overrides, report
 
@@ -102,6 +105,8 @@ def test_pipeline_writes_report_plots_logs_and_config(finished_run):
     assert saved["after"]["params"] < saved["before"]["params"]
     assert set(saved["stages"]) == {"train", "train_pruner", "prune", "finetune"}
     assert all(s["time_s"] > 0 for s in saved["stages"].values())
+    pruner = json.loads((out / "train_pruner" / "report.json").read_text())
+    assert (pruner["epochs"], pruner["steps"]) == (2, 12)  # pruner.epochs=1, but at least pruner.min_steps
     prune = json.loads((out / "prune" / "report.json").read_text())
     inherit = prune["inherit"]  # weights inherited as the look-ahead chose: at the learned widths, or magnitude's own
     assert set(inherit["lookahead_accuracy"]) == {"learned", "l1", "magnitude", "widths:magnitude"}

@@ -117,7 +117,7 @@ PROFILES: dict[str, Profile] = {
         entries=(
             Entry("lenet5", overrides=(
                 "data.batch_size=64", "data.val_size=100", "trainer.limit_train_batches=4", "train.epochs=1",
-                "pruner.epochs=1", "pruner.calibration_samples=128", "finetune.epochs=1", "inherit.steps=3",
+                "pruner.epochs=1", "pruner.min_steps=0", "pruner.calibration_samples=128", "finetune.epochs=1", "inherit.steps=3",
                 "inherit.eval_samples=50",
             )),
         ),

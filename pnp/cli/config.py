@@ -113,7 +113,10 @@ class OptimConfig:
 class PrunerConfig:
     """The pruner's recipe: what ``pnp-train-pruner`` and ``pnp-pipeline`` both train."""
 
-    epochs: int = 3
+    epochs: int = 1
+    # and at least this many optimizer steps: more epochs where one is short (a small
+    # dataset, or trainer.limit_train_batches); 0 lets epochs alone decide
+    min_steps: int = 200
     lr: float = 1e-3
     # the trunk starts from the target's weights; null: lr / 10
     trunk_lr: Optional[float] = None
@@ -399,6 +402,7 @@ def _check_optim(cfg: DictConfig, section: str) -> None:
 
 def _check_pruner(cfg: DictConfig) -> None:
     _number(cfg, "pruner.epochs", low=1)
+    _number(cfg, "pruner.min_steps", low=0)
     _number(cfg, "pruner.lr", low=0, low_open=True)
     _number(cfg, "pruner.trunk_lr", low=0, optional=True)
     _number(cfg, "pruner.target_lr", low=0)

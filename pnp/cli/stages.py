@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import logging
 import time
 import warnings
@@ -389,14 +390,17 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     groups = find_groups(cfg, data, target)
     p = cfg.pruner
+    trainer = make_trainer(cfg, stage, p.epochs, monitor=None)
+    batches = train_batches_per_epoch(trainer, len(data.module.train_dataloader()))
+    epochs = max(int(p.epochs), math.ceil(int(p.min_steps) / batches))
+    trainer.fit_loop.max_epochs = epochs
     module = PrunerModule(
-        target, groups, task=task_of(data), lr=p.lr, trunk_lr=p.trunk_lr, target_lr=p.target_lr, weight_decay=p.weight_decay, epochs=p.epochs, sparsity=p.sparsity,
+        target, groups, task=task_of(data), lr=p.lr, trunk_lr=p.trunk_lr, target_lr=p.target_lr, weight_decay=p.weight_decay, epochs=epochs, sparsity=p.sparsity,
         sparsity_weight=pruner_sparsity_weight(p), budget=p.budget, budget_metric=p.budget_metric,
         budget_weight=p.budget_weight, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
         temperature=p.temperature, init_keep=p.init_keep, noise=p.noise, mask_mode=p.mask_mode,
         head_layer=p.head_layer, channels_last=cfg.trainer.channels_last,
     )
-    trainer = make_trainer(cfg, stage, p.epochs, monitor=None)
     fit(trainer, module, data, stage, resume=state == "resume")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/")) and v.numel() == 1}
     samples = min(int(p.calibration_samples), len(data.module.train_indices))
@@ -411,7 +415,8 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
                         builder_kwargs=data.builder_kwargs, metadata=data.metadata(made_by="pnp-train-pruner"), overwrite=True)
     report: dict[str, Any] = {
         "time_s": None,
-        "epochs": p.epochs,
+        "epochs": epochs,
+        "steps": epochs * batches,
         "calibration_samples": samples,
         "metrics": metrics,
         "world_size": trainer.world_size,
@@ -427,6 +432,14 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
         write_keep(stage.path / KEEP_FILE, groups, keep, info)
     report["time_s"] = time.perf_counter() - start
     return StageResult(stage.finish(report), model=adapted, scores=scores, keep=keep)
+
+
+def train_batches_per_epoch(trainer, batches: int) -> int:
+    """Optimizer steps in one epoch of ``batches`` batches, on each of the trainer's processes, within its limit."""
+    per_rank = math.ceil(batches / max(1, trainer.num_nodes * trainer.num_devices))
+    limit = trainer.limit_train_batches
+    per_rank = min(per_rank, int(limit)) if isinstance(limit, int) else int(per_rank * float(limit))
+    return max(1, per_rank)
 
 
 def adapted_target(run: Path, data: Data) -> nn.Module | None:
