@@ -9,7 +9,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pnp
 from pnp.core.readout import reselect_keep
-from pnp.training.inherit import candidate_keeps, check_inherit, choose_inheritance, lookahead_accuracy, select_inheritance
+from pnp.core.criteria import CriterionNotApplicableError
+from pnp.training.inherit import (
+    candidate_keeps, check_inherit, choose_inheritance, lookahead_accuracy, rival_widths, select_inheritance,
+)
 
 
 class TinyCNN(nn.Module):
@@ -132,6 +135,23 @@ def test_selection_takes_the_best_score_and_on_a_tie_the_earlier_candidate():
     assert level.choice == "learned" and set(level.to_dict()) == {"choice", "lookahead_accuracy", "skipped", "steps"}
     with pytest.raises(ValueError, match=r"none of the inheritance candidates \['bn_scale'\] applies"):
         select_inheritance({}, score, {"bn_scale": "no BatchNorm"})
+
+
+def test_rival_widths_are_read_out_at_the_budget_and_the_ones_not_tried_say_why():
+    """Both tasks' rivals: each criterion's read-out, named widths:CRITERION; without a budget none, naming the setting."""
+    keep = {"conv": torch.arange(8) < 3}
+
+    def read_out(criterion):
+        if criterion == "bn_scale":
+            raise CriterionNotApplicableError("the model has no BatchNorm")
+        return keep, {"threshold": 0.5}
+
+    rivals, skipped = rival_widths(["magnitude", "bn_scale", "magnitude"], 0.3, read_out)
+    assert list(rivals) == ["widths:magnitude"] and rivals["widths:magnitude"][1] == {"threshold": 0.5, "criterion": "magnitude"}
+    assert torch.equal(rivals["widths:magnitude"][0]["conv"], keep["conv"])
+    assert skipped == {"widths:bn_scale": "the model has no BatchNorm"}
+    rivals, skipped = rival_widths(["magnitude"], None, read_out, budget_field="readout.budget")
+    assert rivals == {} and skipped["widths:magnitude"].startswith("no readout.budget:")
 
 
 def test_lookahead_trains_the_model(setup):

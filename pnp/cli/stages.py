@@ -557,7 +557,7 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
     decisions, the record, and the read-out's info when a criterion's widths won (else None).
     """
     from pnp.core.criteria import rank_channels
-    from pnp.training.inherit import LEARNED, WIDTHS, Inheritance, candidate_keeps, choose_inheritance, rival_widths
+    from pnp.training.inherit import LEARNED, Inheritance, candidate_keeps, choose_inheritance, rival_widths
 
     c = cfg.inherit
     if c.choice == LEARNED:
@@ -576,14 +576,9 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     chosen = None
     if is_global_zero():
-        if cfg.readout.budget is None:
-            rivals = {}
-            unusable = {WIDTHS + name: "no readout.budget: a criterion's own widths are read out at a budget"
-                        for name in c.widths_from}
-        else:
-            rivals, unusable = rival_widths(c.widths_from, lambda name: read_out(
-                cfg, groups, rank_channels(target, groups, name, batches=gradient_batches, seed=int(cfg.seed)),
-                ("inherit.widths_from", name)))
+        rivals, unusable = rival_widths(c.widths_from, cfg.readout.budget, lambda name: read_out(
+            cfg, groups, rank_channels(target, groups, name, batches=gradient_batches, seed=int(cfg.seed)),
+            ("inherit.widths_from", name)), budget_field="readout.budget")
         found = choose_inheritance(
             target, groups, keep, data.example_inputs, list(c.candidates), dm.train_dataloader, eval_loader,
             steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,

@@ -308,7 +308,7 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
         if inherit == AUTO:
             from pnp.detection.pruning import rank_detector_channels
 
-            rivals, _ = rival_widths(lookahead.widths_from if budget is not None else (), lambda criterion: decide_detector_keep(
+            rivals, unusable = rival_widths(lookahead.widths_from, budget, lambda criterion: decide_detector_keep(
                 groups, rank_detector_channels(detector, groups, criterion), budget=budget, scope=scope, **readout))
             chosen, evaluated_on = lookahead_inheritance(cfg, out, name, detector, groups, keep, lookahead, lookahead_lr,
                                                          rivals={k: v[0] for k, v in rivals.items()})
@@ -317,6 +317,7 @@ def prune_baseline(cfg, out: str | Path, budget: float | None, scope: str = "det
                 info = {**rivals[chosen.choice][1], "left_out": info["left_out"], "learned": info}
             info["inheritance"] = {**chosen.to_dict(), "evaluated_on": evaluated_on,
                                    "channels_changed": channels_changed(learned, keep)}
+            info["inheritance"]["skipped"].update(unusable)
         elif inherit != LEARNED:
             from pnp.detection.pruning import rank_detector_channels
 

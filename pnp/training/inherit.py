@@ -144,13 +144,21 @@ def keeps_by_candidate(
 
 
 def rival_widths(
-    criteria: Iterable[str], read_out: Callable[[str], tuple[Mapping[str, torch.Tensor], dict]]
+    criteria: Iterable[str],
+    budget: float | None,
+    read_out: Callable[[str], tuple[Mapping[str, torch.Tensor], dict]],
+    budget_field: str = "budget",
 ) -> tuple[dict[str, tuple[dict[str, torch.Tensor], dict]], dict[str, str]]:
     """``{"widths:CRITERION": (keep, info)}`` from ``read_out(criterion)``, the task's read-out of a criterion's scores
-    at the budget; and the criteria that do not apply (``read_out`` raised :class:`CriterionNotApplicableError`), with why.
+    at ``budget``; and the rivals that could not be tried, with why. Without a budget that is every one (the
+    reason names ``budget_field``, the setting the user would give); else those whose criterion does not apply
+    (``read_out`` raised :class:`CriterionNotApplicableError`).
     """
     rivals: dict[str, tuple[dict[str, torch.Tensor], dict]] = {}
     skipped: dict[str, str] = {}
+    if budget is None:
+        return rivals, {WIDTHS + name: f"no {budget_field}: a criterion's own widths are read out at a budget"
+                        for name in dict.fromkeys(criteria)}
     for criterion in dict.fromkeys(criteria):
         try:
             keep, info = read_out(criterion)
