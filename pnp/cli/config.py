@@ -18,7 +18,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pnp.core.losses import BUDGET_METRICS, SPARSITY_KINDS
+from pnp.core.pruner import MASK_MODES
 from pnp.core.readout import MIN_SHARE
+from pnp.training.classifier import OPTIMIZERS, SCHEDULES
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
 DATA_KWARGS = ("in_channels", "num_classes", "input_size")
@@ -27,11 +30,6 @@ PRECISIONS = (
     "64", "64-true", "32", "32-true", "16", "16-mixed", "16-true",
     "bf16", "bf16-mixed", "bf16-true", "transformer-engine", "transformer-engine-float16",
 )
-OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "step", "constant")
-SPARSITY = ("flops", "params", "channels")
-METRICS = ("flops", "params")
-MASK_MODES = ("sample", "batch")
 
 
 class InputError(ValueError):
@@ -407,10 +405,10 @@ def _check_pruner(cfg: DictConfig) -> None:
     _number(cfg, "pruner.trunk_lr", low=0, optional=True)
     _number(cfg, "pruner.target_lr", low=0)
     _number(cfg, "pruner.weight_decay", low=0)
-    _choice(cfg, "pruner.sparsity", SPARSITY)
+    _choice(cfg, "pruner.sparsity", SPARSITY_KINDS)
     _number(cfg, "pruner.sparsity_weight", low=0, optional=True)
     _fraction(cfg, "pruner.budget")
-    _choice(cfg, "pruner.budget_metric", METRICS)
+    _choice(cfg, "pruner.budget_metric", BUDGET_METRICS)
     _number(cfg, "pruner.budget_weight", low=0)
     _number(cfg, "pruner.kd_weight", low=0)
     _number(cfg, "pruner.kd_temperature", low=0, low_open=True)
@@ -427,7 +425,7 @@ def _check_readout(cfg: DictConfig) -> None:
     _number(cfg, "readout.min_channels", low=1)
     _number(cfg, "readout.round_to", low=1)
     _fraction(cfg, "readout.budget")
-    _choice(cfg, "readout.metric", METRICS)
+    _choice(cfg, "readout.metric", BUDGET_METRICS)
     _number(cfg, "readout.min_share", low=0, high=1)
 
 
