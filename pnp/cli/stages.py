@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
