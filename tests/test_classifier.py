@@ -65,6 +65,24 @@ def test_step_schedule_and_adam():
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01 * 0.01)
 
 
+def test_adamw_decays_weights_but_not_biases_or_norm_scales():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    net(torch.zeros(1, 1, 8, 8))
+    module = ClassifierModule(net, lr=0.01, weight_decay=0.05, optimizer="adamw", schedule="constant")
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    decayed, undecayed = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.05 and undecayed["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {id(net[0].weight), id(net[4].weight)}
+    assert {id(p) for p in undecayed["params"]} == {id(net[0].bias), id(net[1].weight), id(net[1].bias), id(net[4].bias)}
+    # with no decay a parameter left alone by its gradient stays put; a decayed one shrinks
+    weight = net[4].weight.detach().clone()
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert torch.all(net[4].weight.abs() < weight.abs() + 1e-12) and not torch.equal(net[4].weight, weight)
+
+
 class ExplodingTeacher(nn.Module):
     def forward(self, x):
         raise AssertionError("the teacher must not run when kd_weight is 0")

@@ -97,6 +97,8 @@ class OptimConfig:
     """Training of a classifier: the baseline target, or the pruned model's fine-tuning."""
 
     epochs: int = 10
+    # sgd (with momentum), adam, or adamw: decoupled weight decay on weight matrices and
+    # filters only, biases and normalisation scales undecayed (for transformers)
     optimizer: str = "sgd"
     lr: float = 0.05
     weight_decay: float = 5e-4

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from pnp.core.losses import kd_loss
 from pnp.training.layout import CHANNELS_LAST, ChannelsLastModule
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 # a frozen teacher's outputs on the training split are computed once when they take at most this
 TEACHER_OUTPUTS_MAX_BYTES = 256 << 20
@@ -26,6 +26,20 @@ def log_step_and_epoch(module: pl.LightningModule, name: str, value: torch.Tenso
     """
     module.log(f"{name}_step", value, on_step=True, on_epoch=False, prog_bar=prog_bar)
     module.log(f"{name}_epoch", value, on_step=False, on_epoch=True, sync_dist=True)
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """``model``'s trainable parameters in two optimizer groups: weight matrices and filters decayed, the rest not.
+
+    Biases, normalisation scales and other 1-D parameters (and scalars) are left out
+    of the decay, the usual recipe for AdamW on transformers and CNNs alike.
+    """
+    decayed, kept = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decayed if p.ndim >= 2 else kept).append(p)
+    return [g for g in ({"params": decayed, "weight_decay": float(weight_decay)},
+                        {"params": kept, "weight_decay": 0.0}) if g["params"]]
 
 
 class ClassifierModule(ChannelsLastModule):
@@ -133,6 +147,8 @@ class ClassifierModule(ChannelsLastModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        elif hp.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(decay_groups(self.model, hp.weight_decay), lr=hp.lr)
         else:
             optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.schedule == "constant":
