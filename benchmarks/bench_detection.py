@@ -170,6 +170,10 @@ def run_model(profile: Profile, arch: str, depth: int, datasets: tuple[str, str]
     out.mkdir(parents=True, exist_ok=True)
     cfg = stage_config(profile, arch, depth, datasets, out, device)
     r = profile.recipe.for_architecture(arch)
+    if r != profile.recipe:
+        changed = {k: v for k, v in asdict(r).items() if asdict(profile.recipe)[k] != v}
+        print(f"[bench] {arch} runs the recipe with {changed}: it lacks what those fields act on "
+              "(RetinaNet: RoI class logits); its rows record the recipe as it ran", flush=True)
     kd = {"kd_fpn": r.kd_fpn, "kd_cls": r.kd_cls}
     schedule = {"max_iter": r.finetune_iters, "base_lr": r.finetune_lr}
     readout = {"round_to": r.round_to, "min_channels": r.min_channels, "min_share": r.min_share}
