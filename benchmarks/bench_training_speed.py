@@ -2,9 +2,12 @@
 
 For each pnp model (random init, Fashion-MNIST-shaped batches ``[B, 1, 28, 28]``
 or ``--channels 3``) this times full SGD training steps (forward, backward,
-optimizer) in the usual contiguous layout and in channels-last layout, and a
+optimizer) in the usual contiguous layout and in channels-last layout, a
 distilled fine-tuning step of LeNet-5 pruned to 10% of its FLOPs with the teacher
-run live against its logits given. Every variant is timed in ``--rounds``
+run live against its logits given, and each model's pruner step (batch-mode
+decisions, budget 0.1) with the pruner seeing the whole batch against its first
+``--pruner-input-samples`` images (``pruner.input_samples``), both beside the
+model's own channels-last training step. Every variant is timed in ``--rounds``
 interleaved rounds, so that the ratios compare figures taken side by side on a
 noisy machine; the median of the rounds is reported.
 
@@ -17,6 +20,7 @@ Prints a table and writes JSON (``benchmarks/results/training_speed.json`` unles
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -28,8 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pnp.core.gating import GatedModel
+from pnp.core.groups import find_channel_groups
 from pnp.core.io import write_text_atomic
-from pnp.core.losses import kd_loss
+from pnp.core.losses import PrunerLoss, kd_loss
+from pnp.core.pruner import PrunerNetwork
+from pnp.core.task import ClassificationTask, pruner_terms
 from pnp.models import lenet5, mobilenetv2, resnet20, resnet56
 
 MODELS = {"lenet5": lenet5, "resnet20": resnet20, "resnet56": resnet56, "mobilenetv2": mobilenetv2}
@@ -44,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pruner-input-samples", type=int, default=32,
+                        help="images the sub-batch pruner decides from (pruner.input_samples)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "training_speed.json")
     return parser.parse_args(argv)
 
@@ -112,6 +122,37 @@ def distillation_variants(args) -> dict:
     return variants
 
 
+def pruner_variants(name: str, args) -> dict:
+    """One model's pruner step (pnp.core.task.pruner_terms, Adam) deciding from the whole batch or its first images;
+    and the model's own training step beside them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, args.channels, 28, 28, generator=g).contiguous(memory_format=CL)
+    y = torch.randint(0, 10, (args.batch_size,), generator=g)
+    torch.manual_seed(0)
+    target = MODELS[name](in_channels=args.channels).eval()
+    groups = find_channel_groups(target, x[:1].contiguous())
+    task = ClassificationTask(x[:1].contiguous())
+    variants = {}
+    for label, samples in (("whole batch", None), (f"first {args.pruner_input_samples}", args.pruner_input_samples)):
+        torch.manual_seed(0)
+        pruner = PrunerNetwork(target, groups, mask_mode="batch", input_samples=samples).to(memory_format=CL).train()
+        gate = GatedModel(copy.deepcopy(target).to(memory_format=CL), groups, freeze=True)
+        objective = PrunerLoss(groups, sparsity_weight=0.0, budget=0.1, budget_weight=1.0)
+        optimizer = torch.optim.Adam(pruner.param_groups(1e-3))
+
+        def step(p=pruner, gate=gate, objective=objective, o=optimizer):
+            o.zero_grad(set_to_none=True)
+            pruner_terms(task, gate.target, gate, p, objective, (x, y))["loss"].backward()
+            o.step()
+
+        variants[label] = step
+    torch.manual_seed(0)
+    model = MODELS[name](in_channels=args.channels).to(memory_format=CL)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    variants["training step"] = lambda: train_step(model, optimizer, x, y)
+    return variants
+
+
 def measure(variants: dict, args) -> dict:
     times = {k: [] for k in variants}
     for _ in range(args.rounds):
@@ -136,9 +177,21 @@ def main(argv=None) -> int:
     kd["speedup"] = kd["teacher every step"]["ms_per_step"] / kd["teacher outputs given"]["ms_per_step"]
     print(f"{'distillation':12s} teacher every step {kd['teacher every step']['ms_per_step']:.1f} ms/step   "
           f"outputs given {kd['teacher outputs given']['ms_per_step']:.1f} ms/step   x{kd['speedup']:.2f}")
+    pruner_rows = {}
+    sub = f"first {args.pruner_input_samples}"
+    for name in args.models:
+        result = measure(pruner_variants(name, args), args)
+        result["speedup"] = result["whole batch"]["ms_per_step"] / result[sub]["ms_per_step"]
+        pruner_rows[name] = result
+        train = result["training step"]["ms_per_step"]
+        print(f"{name:12s} pruner step: whole batch {result['whole batch']['ms_per_step']:8.1f} ms "
+              f"({result['whole batch']['ms_per_step'] / train:.2f} training steps)   {sub} "
+              f"{result[sub]['ms_per_step']:8.1f} ms ({result[sub]['ms_per_step'] / train:.2f})   x{result['speedup']:.2f}",
+              flush=True)
     record = {
         "layouts": rows,
         "distillation_lenet5_student": kd,
+        "pruner_steps": pruner_rows, "pruner_input_samples": args.pruner_input_samples,
         "batch_size": args.batch_size, "channels": args.channels, "threads": args.threads,
         "steps": args.steps, "rounds": args.rounds,
         "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),

@@ -49,6 +49,7 @@ def snapshot(directory: Path) -> dict:
         ("inherit.candidates=[learned,l7]", "inherit.candidates[1]", "'l7'"),
         ("inherit.widths_from=[magnitude,l9]", "inherit.widths_from[1]", "'l9'"),
         ("inherit.steps=0", "inherit.steps", "0"),
+        ("pruner.input_samples=0", "pruner.input_samples", "0"),
         ("trainer.devices=0", "trainer.devices", "0"),
         ("trainer.precision=8", "trainer.precision", "'8'"),
         ("train.optimizer=lbfgs", "train.optimizer", "'lbfgs'"),

@@ -85,6 +85,24 @@ def test_batch_mode_gives_one_decision_per_batch(setup):
     assert all(m.shape == (g.size,) for m, g in zip(masks.values(), groups))
 
 
+def test_batch_decision_from_the_first_samples_is_the_decision_for_those_samples_alone(setup):
+    model, groups, x = setup
+    torch.manual_seed(1)
+    pruner = pnp.PrunerNetwork(model, groups, mask_mode="batch", init_keep=0.5)
+    seen = []
+    pruner.trunk.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    head = torch.cat(list(pruner(x[:2]).values()))
+    first_two = pnp.PrunerNetwork(model, groups, mask_mode="batch", init_keep=0.5, input_samples=2)
+    first_two.load_state_dict(pruner.state_dict())
+    first_two.trunk.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    masks = first_two(x)
+    assert seen == [2, 2]  # the pruner's trunk ran on 2 samples, not the batch's 4
+    assert torch.equal(torch.cat(list(masks.values())), head)
+    assert all(m.shape == (g.size,) for m, g in zip(masks.values(), groups))
+    sum(m.sum() for m in masks.values()).backward()  # straight-through: the head still learns
+    assert first_two.head.linear.weight.grad.abs().sum() > 0
+
+
 class PoolAfterClassifier(nn.Module):
     """Like SqueezeNet: the last conv is followed by ReLU and pooling."""
 
@@ -109,7 +127,8 @@ def test_head_layer_must_be_named_when_ops_follow_the_last_layer():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"init_keep": 1.0}, "init_keep"), ({"temperature": 0}, "temperature"), ({"mask_mode": "pixel"}, "mask_mode")],
+    [({"init_keep": 1.0}, "init_keep"), ({"temperature": 0}, "temperature"), ({"mask_mode": "pixel"}, "mask_mode"),
+     ({"input_samples": 0, "mask_mode": "batch"}, "input_samples"), ({"input_samples": 8}, "input_samples .*mask_mode")],
 )
 def test_bad_pruner_settings_name_the_field(setup, kwargs, field):
     model, groups, _ = setup

@@ -139,6 +139,10 @@ class PrunerConfig:
     # one decision per batch learns the static architecture surgery will cut (per-sample
     # decisions, averaged later, start fine-tuning lower)
     mask_mode: str = "batch"
+    # with mask_mode=batch: the batch's decision is made from its first N images, so the
+    # pruner's own forward and backward cost N images (null: the whole batch); the gated
+    # target still runs every image
+    input_samples: Optional[int] = None
     head_layer: Optional[str] = None
     # calibration samples whose keep probabilities are averaged for the read-out
     calibration_samples: int = 2048
@@ -419,6 +423,10 @@ def _check_pruner(cfg: DictConfig) -> None:
     _require(isinstance(init_keep, float) and 0.0 < init_keep < 1.0, "pruner.init_keep", init_keep, "must be in (0, 1)")
     _number(cfg, "pruner.noise", low=0)
     _choice(cfg, "pruner.mask_mode", MASK_MODES)
+    _number(cfg, "pruner.input_samples", low=1, optional=True)
+    _require(cfg.pruner.input_samples is None or cfg.pruner.mask_mode == "batch", "pruner.input_samples",
+             cfg.pruner.input_samples, "needs pruner.mask_mode=batch (per-sample decisions need every sample); "
+             "set pruner.input_samples=null")
     _number(cfg, "pruner.calibration_samples", low=1)
 
 

@@ -99,11 +99,25 @@ def find_head_layer(model: nn.Module, example_inputs) -> str:
     )
 
 
+def _first_samples(inputs, k: int):
+    """``inputs`` (tensors in tuples, lists and dicts) with every tensor cut to its first ``k`` rows."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:k] if inputs.dim() > 0 else inputs
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_first_samples(v, k) for v in inputs)
+    if isinstance(inputs, dict):
+        return {key: _first_samples(v, k) for key, v in inputs.items()}
+    return inputs
+
+
 class PrunerNetwork(nn.Module):
     """Same architecture as ``target`` (its weights by default), ending in a multitask head.
 
     ``forward(x)`` returns ``{group name: mask}`` with masks ``[N, size]``
     (``mask_mode="sample"``) or ``[size]`` (``"batch"``: one decision per batch).
+    With ``input_samples=K`` (batch mode only) the batch's decision is made from its
+    first K samples: the pruner's own forward and backward then cost K samples, not
+    the whole batch, while the gated target still runs every sample.
     """
 
     def __init__(
@@ -118,12 +132,19 @@ class PrunerNetwork(nn.Module):
         noise: float = 0.0,
         mask_mode: str = "sample",
         min_channels: int = 1,
+        input_samples: int | None = None,
     ):
         super().__init__()
         if int(min_channels) < 1:
             raise ValueError(f"min_channels {min_channels} must be >= 1")
         if mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode {mask_mode!r} is not one of {MASK_MODES}")
+        if input_samples is not None:
+            if isinstance(input_samples, bool) or not isinstance(input_samples, int) or input_samples < 1:
+                raise ValueError(f"input_samples {input_samples!r} must be an integer >= 1, or None for the whole batch")
+            if mask_mode != "batch":
+                raise ValueError(f"input_samples {input_samples} needs mask_mode='batch': with per-sample decisions "
+                                 "every sample needs the pruner's own output")
         if not 0.0 < init_keep < 1.0:
             raise ValueError(f"init_keep {init_keep} must be in (0, 1): the starting keep probability")
         if temperature <= 0:
@@ -164,6 +185,7 @@ class PrunerNetwork(nn.Module):
         self.noise = float(noise)
         self.mask_mode = mask_mode
         self.min_channels = int(min_channels)
+        self.input_samples = input_samples
 
     @property
     def head(self) -> MultiTaskHead:
@@ -194,6 +216,8 @@ class PrunerNetwork(nn.Module):
         return self._split(torch.sigmoid(self.logits(*args, **kwargs) / self.temperature))
 
     def forward(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        if self.input_samples is not None:
+            args, kwargs = _first_samples((args, kwargs), self.input_samples)
         logits = self.logits(*args, **kwargs)
         if self.training and self.noise > 0:
             u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)

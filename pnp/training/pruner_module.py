@@ -49,6 +49,7 @@ class PrunerModule(ChannelsLastModule):
         init_keep: float = 0.9,
         noise: float = 0.0,
         mask_mode: str = "sample",
+        input_samples: int | None = None,
         head_layer: str | None = None,
         task: PruningTask | None = None,
         channels_last: bool = CHANNELS_LAST,
@@ -73,6 +74,7 @@ class PrunerModule(ChannelsLastModule):
             init_keep=init_keep,
             noise=noise,
             mask_mode=mask_mode,
+            input_samples=input_samples,
         )
         # with target_lr the gated target learns too, as fine-tuning will let it: the
         # pruner then weighs each channel by what the adapted network still needs of it
