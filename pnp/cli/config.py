@@ -141,8 +141,8 @@ class PrunerConfig:
     mask_mode: str = "batch"
     # with mask_mode=batch: the batch's decision is made from its first N images, so the
     # pruner's own forward and backward cost N images (null: the whole batch); the gated
-    # target still runs every image
-    input_samples: Optional[int] = None
+    # target still runs every image. Per-sample decisions (mask_mode=sample) use every image
+    input_samples: Optional[int] = 32
     head_layer: Optional[str] = None
     # calibration samples whose keep probabilities are averaged for the read-out
     calibration_samples: int = 2048
@@ -424,9 +424,6 @@ def _check_pruner(cfg: DictConfig) -> None:
     _number(cfg, "pruner.noise", low=0)
     _choice(cfg, "pruner.mask_mode", MASK_MODES)
     _number(cfg, "pruner.input_samples", low=1, optional=True)
-    _require(cfg.pruner.input_samples is None or cfg.pruner.mask_mode == "batch", "pruner.input_samples",
-             cfg.pruner.input_samples, "needs pruner.mask_mode=batch (per-sample decisions need every sample); "
-             "set pruner.input_samples=null")
     _number(cfg, "pruner.calibration_samples", low=1)
 
 

@@ -399,7 +399,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
         sparsity_weight=pruner_sparsity_weight(p), budget=p.budget, budget_metric=p.budget_metric,
         budget_weight=p.budget_weight, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
         temperature=p.temperature, init_keep=p.init_keep, noise=p.noise, mask_mode=p.mask_mode,
-        input_samples=p.input_samples, head_layer=p.head_layer, channels_last=cfg.trainer.channels_last,
+        input_samples=pruner_input_samples(p), head_layer=p.head_layer, channels_last=cfg.trainer.channels_last,
     )
     fit(trainer, module, data, stage, resume=state == "resume")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/")) and v.numel() == 1}
@@ -418,6 +418,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
         "epochs": epochs,
         "steps": epochs * batches,
         "calibration_samples": samples,
+        "input_samples": pruner_input_samples(p),
         "metrics": metrics,
         "world_size": trainer.world_size,
     }
@@ -432,6 +433,12 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
         write_keep(stage.path / KEEP_FILE, groups, keep, info)
     report["time_s"] = time.perf_counter() - start
     return StageResult(stage.finish(report), model=adapted, scores=scores, keep=keep)
+
+
+def pruner_input_samples(pruner: DictConfig) -> int | None:
+    """The images of a batch the pruner decides from: ``pruner.input_samples`` in batch-mask mode; every one (None)
+    with per-sample decisions, which need the pruner's output for each image."""
+    return pruner.input_samples if pruner.mask_mode == "batch" else None
 
 
 def train_batches_per_epoch(trainer, batches: int) -> int:
