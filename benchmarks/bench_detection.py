@@ -83,7 +83,8 @@ PROFILES: dict[str, tuple[str, ...]] = {
              "ims_per_batch=16", "baseline_iters=9000", "latency_repeats=20", "recipe.pruner_iters=1500",
              "recipe.finetune_iters=4500", "recipe.finetune_lr=0.01"),
     "smoke": ("num_images=16", "image_size=64", "ims_per_batch=2", "baseline_iters=4", "latency_repeats=1",
-              "recipe.round_to=1", "recipe.pruner_iters=2", "recipe.finetune_iters=2", "recipe.finetune_lr=0.01"),
+              "recipe.round_to=1", "recipe.pruner_iters=2", "recipe.lookahead_iters=2", "recipe.finetune_iters=2",
+              "recipe.finetune_lr=0.01"),
 }
 RECIPE_FIELDS = {f.name for f in fields(DetectionRecipe)}
 # fine-tunings of the pruned detector: name -> (distil?), and the criterion's with distillation

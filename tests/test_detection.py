@@ -549,7 +549,8 @@ def test_train_net_runs_every_stage_reports_and_skips_what_is_done(tmp_path, fas
     out = tmp_path / "run"
     argv = [
         "--dataset-dir", str(tmp_path / "data"), "--num-images", "6", "--fashion-root", str(fashion_root),
-        "--output-dir", str(out), "--image-size", "64", "--pruner-iters", "2", "--budget", "0.5", "--kd-fpn", "1",
+        "--output-dir", str(out), "--image-size", "64", "--pruner-iters", "2", "--lookahead-iters", "2", "--budget", "0.5",
+        "--kd-fpn", "1",
         "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "0", "MODEL.FPN.OUT_CHANNELS", "32",
         "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
     ]
@@ -671,12 +672,12 @@ def test_detection_benchmark_profiles_are_dotlists_over_pnps_recipe(bench, tmp_p
     assert quick.recipe == DetectionRecipe(finetune_iters=200, finetune_lr=0.01)
     r = quick.recipe
     assert (r.budget, r.scope, r.round_to, r.inherit, r.pruner_iters, r.pruner_lr, r.kd_fpn, r.kd_cls) == (
-        0.5, "detector", 8, "learned", 100, 1e-3, 1.0, 1.0)
+        0.5, "detector", 8, "auto", 100, 1e-3, 1.0, 1.0)
     own = ("models", "num_images", "image_size", "ims_per_batch", "baseline_iters", "base_lr", "criterion", "seed",
            "latency_repeats")
     assert [getattr(quick, k) for k in own] == [("faster_rcnn:18",), 600, 128, 4, 600, 0.02, "magnitude", 0, 5]
     smoke = bench.compose_profile("smoke")
-    assert smoke.recipe == DetectionRecipe(round_to=1, pruner_iters=2, finetune_iters=2, finetune_lr=0.01)
+    assert smoke.recipe == DetectionRecipe(round_to=1, pruner_iters=2, lookahead_iters=2, finetune_iters=2, finetune_lr=0.01)
     full = bench.compose_profile("full")
     assert full.models == ("faster_rcnn:18", "faster_rcnn:50", "retinanet:18") and full.baseline_iters == 9000
     assert full.recipe == DetectionRecipe(pruner_iters=1500, finetune_iters=4500, finetune_lr=0.01)
@@ -704,7 +705,7 @@ def test_detection_benchmark_profiles_are_dotlists_over_pnps_recipe(bench, tmp_p
     # records written before the recipe was recorded whole (scope and budget only) still make the table
     committed = Path(bench.RESULTS) / "quick-s0" / "faster_rcnn_R18_FPN" / "records.json"
     table = bench.format_table(json.loads(committed.read_text())["records"])
-    assert "| faster_rcnn_R18_FPN | pnp, fine-tuned kd | 32.78 |" in table
+    assert "| faster_rcnn_R18_FPN | pnp, fine-tuned kd | 37.70 |" in table
 
 
 def test_detection_benchmark_compares_pnp_with_a_criterion_and_reuses_its_stages(bench, tmp_path, fashion_root):

@@ -546,7 +546,8 @@ class DetectionRecipe:
     round_to: int = 8  # channel counts in multiples of this (CPU kernels run faster)
     min_channels: int = 1
     min_share: float = MIN_SHARE  # no group under this share of the uniform keep ratio at the budget
-    inherit: str = "learned"  # which channels fill the learned widths: the pruner's, a criterion's, or "auto"
+    # which channels fill the learned widths: the pruner's, a criterion's, or "auto": the best after a look-ahead
+    inherit: str = "auto"
     inherit_candidates: tuple[str, ...] = ("learned", "l1", "magnitude")  # what inherit="auto" tries
     # inherit="auto": these criteria's own read-outs (their widths, at the same budget) compete too
     widths_from: tuple[str, ...] = ("magnitude",)
