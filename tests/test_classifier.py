@@ -76,11 +76,12 @@ def test_adamw_decays_weights_but_not_biases_or_norm_scales():
     assert {id(p) for p in decayed["params"]} == {id(net[0].weight), id(net[4].weight)}
     assert {id(p) for p in undecayed["params"]} == {id(net[0].bias), id(net[1].weight), id(net[1].bias), id(net[4].bias)}
     # with no decay a parameter left alone by its gradient stays put; a decayed one shrinks
-    weight = net[4].weight.detach().clone()
+    weight, bias = net[4].weight.detach().clone(), net[4].bias.detach().clone()
     for p in net.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()
     assert torch.all(net[4].weight.abs() < weight.abs() + 1e-12) and not torch.equal(net[4].weight, weight)
+    assert torch.equal(net[4].bias, bias)
 
 
 class ExplodingTeacher(nn.Module):
