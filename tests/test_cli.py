@@ -50,6 +50,7 @@ def snapshot(directory: Path) -> dict:
         ("inherit.widths_from=[magnitude,l9]", "inherit.widths_from[1]", "'l9'"),
         ("inherit.steps=0", "inherit.steps", "0"),
         ("pruner.input_samples=0", "pruner.input_samples", "0"),
+        ("pruner.norm_stats=moving", "pruner.norm_stats", "'moving'"),
         ("trainer.devices=0", "trainer.devices", "0"),
         ("trainer.precision=8", "trainer.precision", "'8'"),
         ("train.optimizer=lbfgs", "train.optimizer", "'lbfgs'"),

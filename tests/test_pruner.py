@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -60,6 +62,31 @@ def test_straight_through_gradient_reaches_the_head(setup):
     head = pruner.trunk[8].linear
     assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_batch_norm_stats_gate_as_the_cut_model_with_its_statistics_measured_again(setup, randomize_norms):
+    model, groups, x = setup
+    randomize_norms(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    keep = {g.name: torch.arange(g.size) % 3 != 0 for g in groups}
+    gated = pnp.GatedModel(model, groups, freeze=True, norm_stats="batch")
+    with torch.no_grad():
+        out = gated(x, masks={k: v.float() for k, v in keep.items()})
+        running = pnp.GatedModel(model, groups, freeze=True)(x, masks={k: v.float() for k, v in keep.items()})
+    cut = pnp.apply_surgery(copy.deepcopy(model), groups, keep, x, verify=False).train()
+    with torch.no_grad():
+        expected = cut(x)  # BatchNorm on the cut network's own batch statistics
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out, running, atol=1e-3)  # the unpruned statistics give something else
+    # the target's running statistics and modes are as they were
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m.training for m in model.modules())
+
+
+def test_norm_stats_must_be_known(setup):
+    model, groups, _ = setup
+    with pytest.raises(ValueError, match="norm_stats 'bach'"):
+        pnp.GatedModel(model, groups, norm_stats="bach")
 
 
 def test_sparsity_loss_lowers_keep_probabilities(setup):

@@ -18,6 +18,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pnp.core.gating import NORM_STATS
 from pnp.core.losses import BUDGET_METRICS, SPARSITY_KINDS
 from pnp.core.pruner import MASK_MODES
 from pnp.core.readout import MIN_SHARE
@@ -143,6 +144,10 @@ class PrunerConfig:
     # pruner's own forward and backward cost N images (null: the whole batch); the gated
     # target still runs every image. Per-sample decisions (mask_mode=sample) use every image
     input_samples: Optional[int] = 32
+    # the statistics the gated target's BatchNorm layers normalise with: running (the
+    # unpruned network's) or batch (each gated batch's own, as if measured again on the cut
+    # network; its running statistics stay as they are)
+    norm_stats: str = "running"
     head_layer: Optional[str] = None
     # calibration samples whose keep probabilities are averaged for the read-out
     calibration_samples: int = 2048
@@ -424,6 +429,7 @@ def _check_pruner(cfg: DictConfig) -> None:
     _number(cfg, "pruner.noise", low=0)
     _choice(cfg, "pruner.mask_mode", MASK_MODES)
     _number(cfg, "pruner.input_samples", low=1, optional=True)
+    _choice(cfg, "pruner.norm_stats", NORM_STATS)
     _number(cfg, "pruner.calibration_samples", low=1)
 
 

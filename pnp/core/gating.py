@@ -13,8 +13,11 @@ from typing import Mapping
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from pnp.core.groups import IN, ChannelGroups
+
+NORM_STATS = ("running", "batch")
 
 
 class GatedModel(nn.Module):
@@ -24,14 +27,22 @@ class GatedModel(nn.Module):
     ``[batch, size]`` (one per sample), bool or float; float masks carry gradients
     back to whatever produced them. Groups not named stay fully open. With
     ``freeze=True`` the target is put in eval mode and its weights stop learning.
+
+    ``norm_stats`` says which statistics the target's BatchNorm layers normalise
+    with while it runs gated: ``"running"`` (as the target was trained, the
+    default) or ``"batch"``, the gated batch's own, as if the cut network's
+    statistics had been measured again; its running statistics are not updated.
     """
 
-    def __init__(self, target: nn.Module, groups: ChannelGroups, freeze: bool = False):
+    def __init__(self, target: nn.Module, groups: ChannelGroups, freeze: bool = False, norm_stats: str = "running"):
         super().__init__()
+        if norm_stats not in NORM_STATS:
+            raise ValueError(f"norm_stats {norm_stats!r} must be one of {list(NORM_STATS)}")
         self.target = target
         self.groups = groups
         self._masks: Mapping[str, torch.Tensor] | None = None
         self._frozen = freeze
+        self._norms = [m for m in target.modules() if isinstance(m, _BatchNorm)] if norm_stats == "batch" else []
         modules = dict(target.named_modules())
         routes: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
         for g in groups:
@@ -118,8 +129,22 @@ class GatedModel(nn.Module):
     def forward(self, *args, masks: Mapping[str, torch.Tensor] | None = None, **kwargs):
         if masks is None:
             return self.target(*args, **kwargs)
-        with self.masked(masks):
+        with self.masked(masks), self._batch_statistics():
             return self.target(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _batch_statistics(self):
+        """With ``norm_stats="batch"``: BatchNorm normalises with the batch's statistics and leaves its running ones."""
+        saved = [(m, m.training, m.track_running_stats) for m in self._norms]
+        for m in self._norms:
+            m.train(True)
+            m.track_running_stats = False  # running buffers are neither read nor updated
+        try:
+            yield
+        finally:
+            for m, training, track in saved:
+                m.train(training)
+                m.track_running_stats = track
 
     def remove(self) -> nn.Module:
         """Take the gates off and return the plain target."""

@@ -50,6 +50,7 @@ class PrunerModule(ChannelsLastModule):
         noise: float = 0.0,
         mask_mode: str = "sample",
         input_samples: int | None = None,
+        norm_stats: str = "running",
         head_layer: str | None = None,
         task: PruningTask | None = None,
         channels_last: bool = CHANNELS_LAST,
@@ -79,7 +80,9 @@ class PrunerModule(ChannelsLastModule):
         # with target_lr the gated target learns too, as fine-tuning will let it: the
         # pruner then weighs each channel by what the adapted network still needs of it
         self.adapts = float(target_lr) > 0
-        self.gated = GatedModel(target, groups, freeze=not self.adapts)
+        # norm_stats="batch": the frozen target's BatchNorm normalises with each gated batch's own
+        # statistics, as the cut network's would be measured again, rather than the unpruned ones
+        self.gated = GatedModel(target, groups, freeze=not self.adapts, norm_stats=norm_stats)
         self.reference = None
         if self.adapts and kd_weight > 0:
             self.reference = copy.deepcopy(target).eval().requires_grad_(False)
