@@ -70,13 +70,17 @@ def test_batch_norm_stats_gate_as_the_cut_model_with_its_statistics_measured_aga
     before = {k: v.clone() for k, v in model.state_dict().items()}
     keep = {g.name: torch.arange(g.size) % 3 != 0 for g in groups}
     gated = pnp.GatedModel(model, groups, freeze=True, norm_stats="batch")
+    masks = {k: v.float() for k, v in keep.items()}
     with torch.no_grad():
-        out = gated(x, masks={k: v.float() for k, v in keep.items()})
-        running = pnp.GatedModel(model, groups, freeze=True)(x, masks={k: v.float() for k, v in keep.items()})
+        out = gated(x, masks=masks)
+        with gated.masked(masks):  # the pruner's path: the target itself runs inside the block
+            inside = model(x)
+        running = pnp.GatedModel(model, groups, freeze=True)(x, masks=masks)
     cut = pnp.apply_surgery(copy.deepcopy(model), groups, keep, x, verify=False).train()
     with torch.no_grad():
         expected = cut(x)  # BatchNorm on the cut network's own batch statistics
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(inside, expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(out, running, atol=1e-3)  # the unpruned statistics give something else
     # the target's running statistics and modes are as they were
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

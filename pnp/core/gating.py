@@ -109,7 +109,8 @@ class GatedModel(nn.Module):
         previous = self._masks
         self._masks = self._check(masks)
         try:
-            yield self
+            with self._batch_statistics():
+                yield self
         finally:
             self._masks = previous
 
@@ -129,7 +130,7 @@ class GatedModel(nn.Module):
     def forward(self, *args, masks: Mapping[str, torch.Tensor] | None = None, **kwargs):
         if masks is None:
             return self.target(*args, **kwargs)
-        with self.masked(masks), self._batch_statistics():
+        with self.masked(masks):
             return self.target(*args, **kwargs)
 
     @contextlib.contextmanager
