@@ -146,6 +146,22 @@ class PoolAfterClassifier(nn.Module):
         return torch.relu(self.classifier(self.features(x))).mean((2, 3))
 
 
+def test_noise_in_batch_mode_draws_each_batch_decision_at_its_keep_probability(setup):
+    model, groups, x = setup
+    torch.manual_seed(0)
+    quiet = pnp.PrunerNetwork(model, groups, mask_mode="batch", init_keep=0.3).train()
+    noisy = pnp.PrunerNetwork(model, groups, mask_mode="batch", init_keep=0.3, noise=1.0).train()
+    for pruner in (quiet, noisy):
+        nn.init.zeros_(pruner.trunk[8].linear.weight)  # every channel's keep probability is 0.3
+    group = groups.names[-1]
+    size = groups[group].size
+    with torch.no_grad():
+        quiet_kept = torch.stack([quiet(x)[group] for _ in range(200)]).mean().item()
+        noisy_kept = torch.stack([noisy(x)[group] for _ in range(200)]).mean().item()
+    assert quiet_kept == pytest.approx(quiet.min_channels / size)  # below 0.5: only the floor stays on
+    assert 0.25 < noisy_kept < 0.4  # a Bernoulli(0.3) draw per batch (and the floor)
+
+
 def test_head_layer_must_be_named_when_ops_follow_the_last_layer():
     model = PoolAfterClassifier().eval()
     x = torch.randn(2, 3, 10, 10)

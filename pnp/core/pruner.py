@@ -24,6 +24,12 @@ from pnp.core.groups import ChannelGroups, first_tensor, run_model
 MASK_MODES = ("sample", "batch")
 
 
+def _logistic_like(x: torch.Tensor) -> torch.Tensor:
+    """Standard logistic noise shaped like ``x``: ``sigmoid(l + noise) > 0.5`` is then a draw of Bernoulli(sigmoid(l))."""
+    u = torch.rand_like(x).clamp(1e-6, 1 - 1e-6)
+    return torch.log(u) - torch.log1p(-u)
+
+
 class _StraightThrough(torch.autograd.Function):
     """Exactly 0/1 forward; the gradient passes to the probability unchanged."""
 
@@ -219,12 +225,16 @@ class PrunerNetwork(nn.Module):
         if self.input_samples is not None:
             args, kwargs = _first_samples((args, kwargs), self.input_samples)
         logits = self.logits(*args, **kwargs)
-        if self.training and self.noise > 0:
-            u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-            logits = logits + self.noise * (torch.log(u) - torch.log1p(-u))
-        prob = torch.sigmoid(logits / self.temperature)
         if self.mask_mode == "batch":
-            prob = prob.mean(0)
+            # one decision for the batch: its images' mean keep probability, and with noise one
+            # draw for the whole batch (noise on each image's logit would average away)
+            prob = torch.sigmoid(logits / self.temperature).mean(0)
+            if self.training and self.noise > 0:
+                prob = torch.sigmoid(torch.logit(prob, eps=1e-6) + self.noise * _logistic_like(prob))
+        else:
+            if self.training and self.noise > 0:
+                logits = logits + self.noise * _logistic_like(logits)
+            prob = torch.sigmoid(logits / self.temperature)
         masks = self._split(_StraightThrough.apply(prob))
         probs = self._split(prob.detach())
         return {name: self._keep_floor(masks[name], probs[name]) for name in masks}
