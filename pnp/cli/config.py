@@ -144,10 +144,11 @@ class PrunerConfig:
     # pruner's own forward and backward cost N images (null: the whole batch); the gated
     # target still runs every image. Per-sample decisions (mask_mode=sample) use every image
     input_samples: Optional[int] = 32
-    # the statistics the gated target's BatchNorm layers normalise with: running (the
-    # unpruned network's) or batch (each gated batch's own, as if measured again on the cut
-    # network; its running statistics stay as they are)
-    norm_stats: str = "running"
+    # the statistics the gated target's BatchNorm layers normalise with: batch (each gated
+    # batch's own, as the cut network's would be measured again; the running statistics stay
+    # as they are) or running (the unpruned network's, which at a small budget leave the gated
+    # target at chance and the pruner without a task signal)
+    norm_stats: str = "batch"
     head_layer: Optional[str] = None
     # calibration samples whose keep probabilities are averaged for the read-out
     calibration_samples: int = 2048
