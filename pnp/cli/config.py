@@ -136,7 +136,10 @@ class PrunerConfig:
     kd_temperature: float = 4.0
     temperature: float = 1.0
     init_keep: float = 0.9
-    noise: float = 0.0
+    # logistic noise on the keep logits: with mask_mode=batch a channel is then kept with its
+    # keep probability (one draw per batch), so the decisions fall to the budget gradually
+    # instead of all at once, and every channel keeps being tried (0: a hard threshold)
+    noise: float = 1.0
     # one decision per batch learns the static architecture surgery will cut (per-sample
     # decisions, averaged later, start fine-tuning lower)
     mask_mode: str = "batch"
