@@ -51,6 +51,7 @@ def snapshot(directory: Path) -> dict:
         ("inherit.steps=0", "inherit.steps", "0"),
         ("pruner.input_samples=0", "pruner.input_samples", "0"),
         ("pruner.norm_stats=moving", "pruner.norm_stats", "'moving'"),
+        ("norm_samples=-1", "norm_samples", "-1"),
         ("trainer.devices=0", "trainer.devices", "0"),
         ("trainer.precision=8", "trainer.precision", "'8'"),
         ("train.optimizer=lbfgs", "train.optimizer", "'lbfgs'"),

@@ -181,3 +181,24 @@ def test_bad_pruner_settings_name_the_field(setup, kwargs, field):
     model, groups, _ = setup
     with pytest.raises(ValueError, match=field):
         pnp.PrunerNetwork(model, groups, **kwargs)
+
+
+def test_remeasured_norm_statistics_are_the_cut_models_own(setup, randomize_norms):
+    from pnp.core.surgery import remeasure_norm_statistics
+
+    model, groups, x = setup
+    randomize_norms(model)
+    keep = {g.name: torch.arange(g.size) % 2 == 0 for g in groups}
+    cut = pnp.apply_surgery(copy.deepcopy(model), groups, keep, x, verify=False).eval()
+    batches = [torch.randn(6, 3, 12, 12) for _ in range(3)]
+    assert remeasure_norm_statistics(cut, iter(batches)) == 3
+    # the first BatchNorm's running statistics are now those of what the cut convolution gives on these images
+    with torch.no_grad():
+        seen = [cut[0](b) for b in batches]
+    torch.testing.assert_close(cut[1].running_mean, torch.cat(seen).mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cut[1].running_var, torch.stack([s.var((0, 2, 3)) for s in seen]).mean(0),
+                               rtol=1e-4, atol=1e-5)
+    assert cut[1].momentum == 0.1 and not cut.training  # settings and mode as they were
+    with torch.no_grad():
+        torch.testing.assert_close(cut(batches[0]), cut.eval()(batches[0]))
+    assert remeasure_norm_statistics(nn.Sequential(nn.Linear(3, 2)), iter(batches)) == 0  # nothing to measure

@@ -231,7 +231,7 @@ def plan(base: DictConfig, entry: Entry, seed: int, method: str, removed: float,
     run_dir = root / f"{method}-r{round(removed * 100):02d}"
     # each stage's record holds everything upstream of it, so a stale stage is refused, not reused
     sections = ("model", "data", "train", *m.sections, "readout")
-    chosen_by = {"method": method, "verify": cfg.verify, **({"criterion": m.criterion} if m.criterion else {})}
+    chosen_by = {"method": method, "verify": cfg.verify, "norm_samples": cfg.norm_samples, **({"criterion": m.criterion} if m.criterion else {})}
     dirs.update(m.preparation(cfg, root))
     dirs["prune"] = StageDir(run_dir / "prune", "prune", stages.what_config(cfg, *sections, **chosen_by))
     dirs["finetune"] = StageDir(run_dir / "finetune", "finetune", stages.what_config(cfg, *sections, "finetune", **chosen_by))

@@ -242,6 +242,9 @@ class PruneCommand(CommonConfig):
     keep: Optional[str] = None
     criterion: Optional[str] = None
     verify: bool = True
+    # training images the cut model's BatchNorm statistics are measured again on, before it
+    # is saved and evaluated (0: it keeps the unpruned network's)
+    norm_samples: int = 2048
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
     inherit: InheritConfig = field(default_factory=InheritConfig)
 
@@ -263,6 +266,8 @@ class PipelineCommand(CommonConfig):
     readout: ReadoutConfig = field(default_factory=ReadoutConfig)
     inherit: InheritConfig = field(default_factory=InheritConfig)
     verify: bool = True
+    # as pnp-prune's: images the cut model's BatchNorm statistics are measured again on (0: none)
+    norm_samples: int = 2048
     finetune: OptimConfig = field(default_factory=lambda: replace(FINETUNE))
 
 
@@ -506,6 +511,7 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check_pruner(cfg)
     if command in ("prune", "pipeline"):
         _check_inherit(cfg)
+        _number(cfg, "norm_samples", low=0)
     if command in ("finetune", "pipeline"):
         _check_optim(cfg, "finetune")
     if command in ("train_pruner", "prune"):

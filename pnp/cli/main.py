@@ -202,7 +202,7 @@ def _prune(cfg, run_dir: Path, data) -> dict:
     sections = ("model", "data", "readout") + (("inherit",) if cfg.criterion is None else ())
     by_criterion = {"criterion": cfg.criterion} if cfg.criterion is not None else {}
     stage = stages.stage_dir(run_dir, "prune", stages.what_config(
-        cfg, *sections, verify=cfg.verify, target=_input(cfg.target),
+        cfg, *sections, verify=cfg.verify, norm_samples=cfg.norm_samples, target=_input(cfg.target),
         pruner_run=_input(cfg.pruner_run), keep=_input(cfg.keep), **by_criterion,
     ), data)
     state = stage.check()
@@ -247,7 +247,8 @@ def _pipeline(cfg, run_dir: Path, data) -> dict:
     dirs = {
         "train": stages.stage_dir(run_dir / "train", "train", stages.what_config(cfg, "model", "data", "train"), data),
         "train_pruner": stages.stage_dir(run_dir / "train_pruner", "train_pruner", stages.what_config(cfg, "model", "data", "pruner"), data),
-        "prune": stages.stage_dir(run_dir / "prune", "prune", stages.what_config(cfg, "model", "data", "readout", "inherit", verify=cfg.verify), data),
+        "prune": stages.stage_dir(run_dir / "prune", "prune", stages.what_config(cfg, "model", "data", "readout", "inherit", verify=cfg.verify,
+                                                                      norm_samples=cfg.norm_samples), data),
         "finetune": stages.stage_dir(run_dir / "finetune", "finetune", stages.what_config(cfg, "data", "finetune"), data),
     }
     states = {name: d.check() for name, d in dirs.items()}

@@ -634,9 +634,10 @@ def prune(
             inherited["channels_changed"] = channels_changed(learned, keep)
             print(inheritance_line(inherited, "fine-tuning steps", "accuracy on the", "%"), flush=True)
     pruned = task_of(data).surgery(target, groups, keep, verify=bool(cfg.verify))
+    norm_batches = remeasure_norms(cfg, data, pruned)
     save_model(pruned, stage, data, made_by="pnp-prune")
     write_keep(stage.path / KEEP_FILE, groups, keep, info)
-    report: dict[str, Any] = {"readout": info, **(extra or {})}
+    report: dict[str, Any] = {"readout": info, "norm_batches": norm_batches, **(extra or {})}
     if inherited is not None:
         report["inherit"] = inherited
     if is_global_zero():
@@ -654,6 +655,20 @@ def prune(
         })
     report["time_s"] = time.perf_counter() - start
     return StageResult(stage.finish(report), model=pruned, keep=keep)
+
+
+def remeasure_norms(cfg: DictConfig, data: Data, pruned: nn.Module) -> int:
+    """Measure the cut model's BatchNorm statistics again on ``norm_samples`` training images; the batches used.
+
+    The cut layers see other statistics than the unpruned network's, so a model that
+    keeps the old ones is judged (and starts fine-tuning) below what its weights can do.
+    """
+    from pnp.core.surgery import remeasure_norm_statistics
+
+    samples = min(int(cfg.norm_samples), len(data.module.train_indices))
+    if samples < 1:
+        return 0
+    return remeasure_norm_statistics(pruned, (batch[0] for batch in data.module.calibration_dataloader(samples)))
 
 
 def _floor_line(info: dict) -> str:

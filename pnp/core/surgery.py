@@ -297,3 +297,37 @@ def verify_surgery(
 
 def _as_args(example_inputs):
     return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+@torch.no_grad()
+def remeasure_norm_statistics(model: nn.Module, inputs) -> int:
+    """Measure every BatchNorm's running statistics again, as the plain mean over ``inputs``; returns the batches used.
+
+    A cut network's layers see other statistics than the unpruned network's did, and
+    its BatchNorm layers still hold those. Each item of ``inputs`` is a batch of the
+    model's input. Nothing else changes: the weights are untouched and the model is
+    left in the mode it was in. A model without BatchNorm is left as it is (0).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    device = next(model.parameters()).device
+    model.eval()  # dropout and the like stay off; only the BatchNorm layers measure
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative mean over the batches
+        m.train()
+    batches = 0
+    try:
+        for x in inputs:
+            model(x.to(device))
+            batches += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    if batches == 0:
+        raise ValueError("no batches to measure the BatchNorm statistics on")
+    return batches
