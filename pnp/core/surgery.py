@@ -307,6 +307,11 @@ def remeasure_norm_statistics(model: nn.Module, inputs) -> int:
     its BatchNorm layers still hold those. Each item of ``inputs`` is a batch of the
     model's input. Nothing else changes: the weights are untouched and the model is
     left in the mode it was in. A model without BatchNorm is left as it is (0).
+
+    Unlike ``torch.optim.swa_utils.update_bn``, which puts the whole model in
+    training mode, only the BatchNorm layers measure: dropout and stochastic depth
+    (torchvision's EfficientNet, timm's ViTs) stay off, so the statistics are those
+    the model will see at inference.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
