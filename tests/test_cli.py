@@ -49,6 +49,7 @@ def snapshot(directory: Path) -> dict:
         ("inherit.candidates=[learned,l7]", "inherit.candidates[1]", "'l7'"),
         ("inherit.widths_from=[magnitude,l9]", "inherit.widths_from[1]", "'l9'"),
         ("inherit.steps=0", "inherit.steps", "0"),
+        ("inherit.kd_weight=-1", "inherit.kd_weight", "-1.0"),
         ("pruner.input_samples=0", "pruner.input_samples", "0"),
         ("pruner.norm_stats=moving", "pruner.norm_stats", "'moving'"),
         ("norm_samples=-1", "norm_samples", "-1"),

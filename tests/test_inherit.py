@@ -165,6 +165,20 @@ def test_lookahead_trains_the_model(setup):
         lookahead_accuracy(trained, train_loader(), held_out, steps=0)
 
 
+def test_distilled_lookahead_follows_the_teacher(setup):
+    _, _, _, _, train_loader, held_out = setup
+    x, y = brightness_data(256, seed=0).tensors
+    reversed_teacher = half_dead_cnn()  # taught the opposite labels: distilling from it must pull the student away
+    flipped = DataLoader(TensorDataset(x, 1 - y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert lookahead_accuracy(reversed_teacher, flipped, held_out, steps=40, lr=0.1) < 10.0
+    plain = lookahead_accuracy(half_dead_cnn(), train_loader(), held_out, steps=40, lr=0.01)
+    distilled = lookahead_accuracy(half_dead_cnn(), train_loader(), held_out, steps=40, lr=0.01,
+                                   teacher=reversed_teacher, kd_weight=5.0)
+    assert plain > 90.0 > 10.0 > distilled
+    with pytest.raises(ValueError, match="inherit.kd_weight 1.0 > 0 needs a teacher"):
+        lookahead_accuracy(half_dead_cnn(), train_loader(), held_out, steps=1, kd_weight=1.0)
+
+
 @pytest.mark.parametrize(
     "choice, candidates, message",
     [

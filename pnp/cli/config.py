@@ -194,6 +194,9 @@ class InheritConfig:
     widths_from: list[str] = field(default_factory=lambda: ["magnitude"])
     steps: int = 200
     lr: float = 0.01
+    # > 0: each candidate is distilled from the unpruned target while it fine-tunes, as a
+    # distilled fine-tuning would (the loss adds kd_weight x the distillation loss, T = 4)
+    kd_weight: float = 0.0
     # held-out images the candidates are compared on (the validation split; without one,
     # training images)
     eval_samples: int = 5000
@@ -465,6 +468,7 @@ def _check_inherit(cfg: DictConfig) -> None:
             _require(name in CRITERIA, f"inherit.widths_from[{i}]", name, f"must be one of {', '.join(CRITERIA)}")
     _number(cfg, "inherit.steps", low=1)
     _number(cfg, "inherit.lr", low=0, low_open=True)
+    _number(cfg, "inherit.kd_weight", low=0)
     _number(cfg, "inherit.eval_samples", low=1)
 
 

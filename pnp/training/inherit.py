@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from pnp.core.criteria import CRITERIA, CriterionNotApplicableError, channel_importance
 from pnp.core.groups import ChannelGroups
+from pnp.core.losses import kd_loss
 from pnp.core.readout import reselect_keep
 from pnp.core.surgery import apply_surgery
 from pnp.training.report import evaluate_accuracy
@@ -195,13 +196,24 @@ def lookahead_accuracy(
     weight_decay: float = 5e-4,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    teacher: nn.Module | None = None,
+    kd_weight: float = 0.0,
 ) -> float:
     """Fine-tune ``model`` in place for ``steps`` SGD steps on ``train_loader``; its accuracy on ``eval_loader``, %.
 
-    The learning rate falls from ``lr`` to 0 on a cosine, as in a full fine-tuning.
+    The learning rate falls from ``lr`` to 0 on a cosine, as in a full fine-tuning. With
+    ``kd_weight > 0`` the loss adds ``kd_weight`` times the distillation loss from ``teacher``
+    (in eval mode, unchanged), as a distilled fine-tuning does.
     """
     if int(steps) < 1:
         raise ValueError(f"inherit.steps {steps} must be >= 1")
+    if float(kd_weight) < 0:
+        raise ValueError(f"inherit.kd_weight {kd_weight} must be >= 0")
+    if float(kd_weight) > 0 and teacher is None:
+        raise ValueError(f"inherit.kd_weight {kd_weight} > 0 needs a teacher")
+    distil = float(kd_weight) > 0
+    if distil:
+        teacher.to(device).eval()
     torch.manual_seed(int(seed))
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -213,7 +225,13 @@ def lookahead_accuracy(
             for g in optimizer.param_groups:
                 g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if distil:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                loss = loss + float(kd_weight) * kd_loss(logits, teacher_logits)
+            loss.backward()
             optimizer.step()
             step += 1
             progressed = True
@@ -240,6 +258,7 @@ def choose_inheritance(
     seed: int = 0,
     gradient_batches: Iterable | None = None,
     rivals: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    kd_weight: float = 0.0,
 ) -> Inheritance:
     """Cut ``target`` once per candidate, fine-tune each briefly, take the best held-out accuracy.
 
@@ -247,14 +266,17 @@ def choose_inheritance(
     call, so that every candidate sees the same data. Ties go to the earlier
     candidate. ``rivals`` are keep decisions with widths of their own (named
     ``widths:CRITERION``, a criterion's own read-out), tried after the candidates
-    at the learned widths. ``target`` is not changed.
+    at the learned widths. With ``kd_weight > 0`` each candidate is distilled from
+    ``target`` while it fine-tunes. ``target`` is not changed.
     """
     check_inherit(AUTO, candidates)
     keeps, skipped = candidate_keeps(target, groups, keep, candidates, gradient_batches)
     keeps.update({name: dict(k) for name, k in (rivals or {}).items()})
+    teacher = copy.deepcopy(target).eval() if kd_weight > 0 else None
 
     def score(name: str, k: Mapping[str, torch.Tensor]) -> float:
         pruned = apply_surgery(copy.deepcopy(target), groups, k, example_inputs, verify=False)
-        return lookahead_accuracy(pruned, train_loader_fn(), eval_loader, steps, lr, momentum, weight_decay, device, seed)
+        return lookahead_accuracy(pruned, train_loader_fn(), eval_loader, steps, lr, momentum, weight_decay, device, seed,
+                                  teacher=teacher, kd_weight=kd_weight)
 
     return select_inheritance(keeps, score, skipped, steps=int(steps))
