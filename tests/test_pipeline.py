@@ -74,9 +74,9 @@ def finished_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("pipeline")
     data_root = write_fashion_mnist(base / "fashion")
     out = base / "run"
-    # 6 batches an epoch: the pruner's 1 epoch becomes 2 to reach 12 optimizer steps
+    # 6 batches an epoch: the pruner's 1 epoch grows to exactly 9 optimizer steps, stopping part-way into a second
     overrides = [o for o in quick_overrides(data_root, out) if not o.startswith("pruner.min_steps")]
-    overrides += ["finetune.kd_weight=0.5", "pruner.min_steps=12"]
+    overrides += ["finetune.kd_weight=0.5", "pruner.min_steps=9"]
     report = run("pipeline", compose_config("pipeline", overrides), out)
     return out, overrides, report
 
@@ -106,11 +106,11 @@ def test_pipeline_writes_report_plots_logs_and_config(finished_run):
     assert set(saved["stages"]) == {"train", "train_pruner", "prune", "finetune"}
     assert all(s["time_s"] > 0 for s in saved["stages"].values())
     pruner = json.loads((out / "train_pruner" / "report.json").read_text())
-    assert (pruner["epochs"], pruner["steps"]) == (2, 12)  # pruner.epochs=1, but at least pruner.min_steps
+    assert (pruner["epochs"], pruner["steps"]) == (2, 9)  # pruner.epochs=1, but exactly pruner.min_steps where more
     assert pruner["input_samples"] == 32  # the batch's decision is made from its first 32 images
     prune = json.loads((out / "prune" / "report.json").read_text())
     inherit = prune["inherit"]  # weights inherited as the look-ahead chose: at the learned widths, or magnitude's own
-    assert set(inherit["lookahead_accuracy"]) == {"learned", "l1", "magnitude", "widths:magnitude"}
+    assert set(inherit["lookahead_accuracy"]) == {"learned", "magnitude", "widths:magnitude"}
     assert inherit["choice"] == max(inherit["lookahead_accuracy"], key=inherit["lookahead_accuracy"].get)
     assert prune["readout"]["channels_kept"] == sum(prune["channels_kept"].values())
     if inherit["choice"] == "widths:magnitude":  # the read-out that was cut, with the pruner's beside it
@@ -232,7 +232,7 @@ def test_without_a_budget_the_criterions_widths_are_skipped_and_say_why(finished
                                    "report.latency_batch_sizes=[1]", "report.latency_repeats=2"])
     run("prune", cfg, single)
     inherit = json.loads((single / "report.json").read_text())["inherit"]
-    assert set(inherit["lookahead_accuracy"]) == {"learned", "l1", "magnitude"}
+    assert set(inherit["lookahead_accuracy"]) == {"learned", "magnitude"}
     assert "no readout.budget" in inherit["skipped"]["widths:magnitude"]
 
 
@@ -242,3 +242,15 @@ def test_an_adapting_target_is_refused_a_negative_rate(tmp_path):
     cfg = compose_config("pipeline", [f"out_dir={tmp_path / 'run'}", "pruner.target_lr=-0.1"])
     with pytest.raises(ConfigError, match=r"^pruner\.target_lr=-0\.1:"):
         run("pipeline", cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("epochs, min_steps, batches, expected", [
+    (1, 200, 430, (430, 1)),  # a long epoch: min_steps adds nothing
+    (1, 200, 79, (200, 3)),  # short epochs: exactly 200 steps, the third epoch stopping part-way
+    (3, 100, 79, (237, 3)),  # the epochs already give more steps
+    (2, 0, 6, (12, 2)),  # 0: the epochs alone decide
+])
+def test_the_pruner_trains_its_epochs_or_exactly_min_steps(epochs, min_steps, batches, expected):
+    from pnp.cli.stages import pruner_schedule
+
+    assert pruner_schedule(epochs, min_steps, batches) == expected

@@ -115,8 +115,9 @@ class PrunerConfig:
     """The pruner's recipe: what ``pnp-train-pruner`` and ``pnp-pipeline`` both train."""
 
     epochs: int = 1
-    # and at least this many optimizer steps: more epochs where one is short (a small
-    # dataset, or trainer.limit_train_batches); 0 lets epochs alone decide
+    # and at least this many optimizer steps: where `epochs` are fewer (a small dataset, or
+    # trainer.limit_train_batches) it trains exactly this many, the last epoch stopping
+    # part-way; 0 lets epochs alone decide
     min_steps: int = 200
     lr: float = 1e-3
     # the trunk starts from the target's weights; null: lr / 10
@@ -187,7 +188,7 @@ class InheritConfig:
     # ("l1", "magnitude", ...), or "auto": each of `candidates` is cut and fine-tuned
     # for `steps` SGD steps, and the best accuracy on held-out images wins
     choice: str = "auto"
-    candidates: list[str] = field(default_factory=lambda: ["learned", "l1", "magnitude"])
+    candidates: list[str] = field(default_factory=lambda: ["learned", "magnitude"])
     # with a budget and "auto": these criteria's own read-outs (their widths and channels, at
     # readout.budget) compete in the look-ahead too, so learned widths that starve a layer
     # lose to a criterion's instead of reaching fine-tuning ([]: the learned widths only)

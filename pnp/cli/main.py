@@ -270,7 +270,7 @@ def _pipeline(cfg, run_dir: Path, data) -> dict:
     write_resolved_config(cfg, run_dir)
     what = {
         "train": f"training the target ({cfg.train.epochs} epochs)",
-        "train_pruner": f"training the pruner network (epochs: at least {cfg.pruner.epochs}, and enough for {cfg.pruner.min_steps} steps)",
+        "train_pruner": f"training the pruner network ({cfg.pruner.epochs} epoch(s), or {cfg.pruner.min_steps} steps where those are more)",
         "prune": "surgery",
         "finetune": f"fine-tuning the pruned model ({cfg.finetune.epochs} epochs)",
     }

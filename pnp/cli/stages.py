@@ -392,8 +392,9 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     p = cfg.pruner
     trainer = make_trainer(cfg, stage, p.epochs, monitor=None)
     batches = train_batches_per_epoch(trainer, len(data.module.train_dataloader()))
-    epochs = max(int(p.epochs), math.ceil(int(p.min_steps) / batches))
+    steps, epochs = pruner_schedule(int(p.epochs), int(p.min_steps), batches)
     trainer.fit_loop.max_epochs = epochs
+    trainer.fit_loop.epoch_loop.max_steps = steps  # a short dataset stops mid-epoch, at min_steps
     module = PrunerModule(
         target, groups, task=task_of(data), lr=p.lr, trunk_lr=p.trunk_lr, target_lr=p.target_lr, weight_decay=p.weight_decay, epochs=epochs, sparsity=p.sparsity,
         sparsity_weight=pruner_sparsity_weight(p), budget=p.budget, budget_metric=p.budget_metric,
@@ -416,7 +417,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     report: dict[str, Any] = {
         "time_s": None,
         "epochs": epochs,
-        "steps": epochs * batches,
+        "steps": int(trainer.global_step),
         "calibration_samples": samples,
         "input_samples": pruner_input_samples(p),
         "metrics": metrics,
@@ -433,6 +434,13 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
         write_keep(stage.path / KEEP_FILE, groups, keep, info)
     report["time_s"] = time.perf_counter() - start
     return StageResult(stage.finish(report), model=adapted, scores=scores, keep=keep)
+
+
+def pruner_schedule(epochs: int, min_steps: int, batches: int) -> tuple[int, int]:
+    """The pruner's optimizer steps and the epochs they span: ``epochs`` whole epochs of ``batches`` steps,
+    or exactly ``min_steps`` where those are fewer (the last epoch then stops part-way)."""
+    steps = max(epochs * batches, min_steps)
+    return steps, math.ceil(steps / batches)
 
 
 def pruner_input_samples(pruner: DictConfig) -> int | None:
