@@ -107,6 +107,7 @@ def test_pipeline_writes_report_plots_logs_and_config(finished_run):
     assert all(s["time_s"] > 0 for s in saved["stages"].values())
     pruner = json.loads((out / "train_pruner" / "report.json").read_text())
     assert (pruner["epochs"], pruner["steps"]) == (2, 9)  # pruner.epochs=1, but exactly pruner.min_steps where more
+    assert {"val/acc", "val/flops_kept"} <= set(pruner["metrics"])  # validated once it stopped, part-way into epoch 2
     assert pruner["input_samples"] == 32  # the batch's decision is made from its first 32 images
     prune = json.loads((out / "prune" / "report.json").read_text())
     inherit = prune["inherit"]  # weights inherited as the look-ahead chose: at the learned widths, or magnitude's own

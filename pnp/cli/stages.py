@@ -263,6 +263,13 @@ def fit(trainer, module, data: Data, stage: StageDir, resume: bool) -> None:
         trainer.fit(module, datamodule=data.module, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
 
 
+def validate(trainer, module, data: Data) -> None:
+    with warnings.catch_warnings():
+        for pattern in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        trainer.validate(module, datamodule=data.module, verbose=False)
+
+
 def calibrate(trainer, module, loader) -> None:
     with warnings.catch_warnings():
         for pattern in _EXPECTED_WARNINGS:
@@ -395,6 +402,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     steps, epochs = pruner_schedule(int(p.epochs), int(p.min_steps), batches)
     trainer.fit_loop.max_epochs = epochs
     trainer.fit_loop.epoch_loop.max_steps = steps  # a short dataset stops mid-epoch, at min_steps
+    trainer.check_val_every_n_epoch = epochs  # validated once, when it has learned
     module = PrunerModule(
         target, groups, task=task_of(data), lr=p.lr, trunk_lr=p.trunk_lr, target_lr=p.target_lr, weight_decay=p.weight_decay, epochs=epochs, sparsity=p.sparsity,
         sparsity_weight=pruner_sparsity_weight(p), budget=p.budget, budget_metric=p.budget_metric,
@@ -403,6 +411,8 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
         input_samples=pruner_input_samples(p), norm_stats=p.norm_stats, head_layer=p.head_layer, channels_last=cfg.trainer.channels_last,
     )
     fit(trainer, module, data, stage, resume=state == "resume")
+    if steps % batches:  # the last epoch stopped part-way, before its validation
+        validate(trainer, module, data)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/")) and v.numel() == 1}
     samples = min(int(p.calibration_samples), len(data.module.train_indices))
     calibrate(trainer, module, data.module.calibration_dataloader(samples))
