@@ -118,7 +118,7 @@ class PrunerConfig:
     # and at least this many optimizer steps: where `epochs` are fewer (a small dataset, or
     # trainer.limit_train_batches) it trains exactly this many, the last epoch stopping
     # part-way; 0 lets epochs alone decide
-    min_steps: int = 200
+    min_steps: int = 120
     lr: float = 1e-3
     # the trunk starts from the target's weights; null: lr / 10
     trunk_lr: Optional[float] = None
