@@ -253,27 +253,29 @@ def readable_checkpoint(stage: StageDir) -> Path | None:
     return None
 
 
+@contextlib.contextmanager
+def _expected_warnings_silenced():
+    with warnings.catch_warnings():
+        for pattern in _EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+        yield
+
+
 def fit(trainer, module, data: Data, stage: StageDir, resume: bool) -> None:
     ckpt = readable_checkpoint(stage) if resume else None
     if ckpt is not None and is_global_zero():
         print(f"[pnp] resuming stage {stage.name!r} from {ckpt}", flush=True)
-    with warnings.catch_warnings():
-        for pattern in _EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
+    with _expected_warnings_silenced():
         trainer.fit(module, datamodule=data.module, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
 
 
 def validate(trainer, module, data: Data) -> None:
-    with warnings.catch_warnings():
-        for pattern in _EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
+    with _expected_warnings_silenced():
         trainer.validate(module, datamodule=data.module, verbose=False)
 
 
 def calibrate(trainer, module, loader) -> None:
-    with warnings.catch_warnings():
-        for pattern in _EXPECTED_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
+    with _expected_warnings_silenced():
         trainer.test(module, dataloaders=loader, verbose=False)
 
 
