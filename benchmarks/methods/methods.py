@@ -7,6 +7,9 @@ Each method runs the product's stages (:mod:`pnp.cli.stages`) on the baseline:
                  widths (``inherit.choice=auto``: the pruner's picks, L1 or magnitude, whichever
                  fine-tunes best in a look-ahead on validation images)
     pnp_learned  the learned pruner's own picks, cut as they are (``inherit.choice=learned``)
+    pnp_widths   the learned pruner's widths filled with TP group magnitude's channels, no
+                 look-ahead (``inherit.choice=magnitude``): the widths and the channels as two
+                 explicit steps
     l1           L1 norm of each filter (Li et al., 2017)
     bn_scale     Network Slimming: L1 sparsity training of the BN scales, then |scale|
     random       random channels
@@ -92,7 +95,7 @@ class LearnedPruner(Method):
         self.overrides = (f"inherit.choice={choice}",)
 
     def preparation(self, cfg, directory):
-        # pnp and pnp_learned train the same pruner: one stage serves both
+        # pnp, pnp_learned and pnp_widths train the same pruner: one stage serves them all
         kept = round(100 * cfg.readout.budget)
         config = stages.what_config(cfg, "model", "data", "train", "pruner")
         return {"train_pruner": StageDir(directory / f"pruner-k{kept:02d}", "train_pruner", config)}
@@ -189,6 +192,7 @@ class Control(Method):
 METHODS: dict[str, Method] = {
     "pnp": LearnedPruner("pnp", choice="auto"),
     "pnp_learned": LearnedPruner("pnp, pruner's picks", choice="learned"),
+    "pnp_widths": LearnedPruner("pnp widths, magnitude channels", choice="magnitude"),
     "l1": Criterion("L1 (Li+17)", "l1"),
     "bn_scale": Slimming("BN-scale (Slimming)", "bn_scale"),
     "random": Criterion("random", "random"),

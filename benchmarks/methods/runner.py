@@ -41,7 +41,7 @@ RECIPE = "pipeline"
 RESERVED = {
     "seed": "--seeds", "data.seed": "--seeds", "readout.budget": "--budgets", "pruner.budget": "--budgets",
     "out_dir": "--out", "data.root": "--data-root or --cifar10-root", "model": "--models",
-    "data": "the profile's entries", "inherit.choice": "the method (pnp: auto, pnp_learned: learned)",
+    "data": "the profile's entries", "inherit.choice": "the method (pnp: auto, pnp_learned: learned, pnp_widths: magnitude)",
 }
 ROOT_FLAGS = {"fashion_mnist": "--data-root", "cifar10": "--cifar10-root"}
 
