@@ -402,14 +402,14 @@ def test_table_reports_accuracy_before_fine_tuning_and_times_against_the_criteri
 def test_standard_profile_is_the_one_the_issue_fixes(tmp_path):
     bench = _bench_module()
     from methods.profiles import PROFILES, Entry, Profile
-    from methods.runner import Options, recipe, resolve, run_recipe
+    from methods.runner import Options, plan, recipe, resolve, run_recipe
 
     standard, quick = PROFILES["standard"], PROFILES["quick"]
     assert [(e.model, e.dataset) for e in standard.entries] == [
         ("lenet5", "fashion_mnist"), ("resnet20", "fashion_mnist"), ("resnet56", "fashion_mnist"),
         ("mobilenetv2", "fashion_mnist")]
     assert standard.budgets == (0.5, 0.7, 0.9) and standard.seeds == (0, 1, 2, 3, 4)
-    assert standard.methods == ("pnp", "pnp_learned", "magnitude", "taylor", "control")
+    assert standard.methods == ("pnp", "pnp_learned", "pnp_widths", "magnitude", "taylor", "control")
     options = Options(tmp_path)
     quick_cfg = resolve(quick, [], options).recipes
     cfgs = resolve(standard, [], options).recipes
@@ -423,6 +423,13 @@ def test_standard_profile_is_the_one_the_issue_fixes(tmp_path):
         assert cfg.finetune.kd_weight == shipped.finetune.kd_weight
         schedules = {str(run_recipe(cfg, entry, m, 0, 0.7, options).finetune) for m in standard.methods}
         assert len(schedules) == 1
+    # pnp's forms share one pruner stage per seed and budget and differ only in the channels
+    # they inherit: pnp_widths fills the learned widths with magnitude's channels, no look-ahead
+    resnet = cfgs["resnet20-fashion_mnist"]
+    forms = {m: plan(resnet, standard.entries[1], 0, m, 0.7, options) for m in ("pnp", "pnp_learned", "pnp_widths")}
+    assert len({str(run.dirs["train_pruner"].path) for run in forms.values()}) == 1
+    assert [forms[m].cfg.inherit.choice for m in forms] == ["auto", "learned", "magnitude"]
+    assert len({str(run.dirs["prune"].path) for run in forms.values()}) == 3
     # one --set changes it for every model and method alike
     off = resolve(standard, ["finetune.kd_weight=0"], options).recipes
     assert all(cfg.finetune.kd_weight == 0 for cfg in off.values())

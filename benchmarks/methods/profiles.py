@@ -92,7 +92,7 @@ PROFILES: dict[str, Profile] = {
                 "inherit.steps=60",
             )) for model in ("resnet20", "resnet56", "mobilenetv2")),
         ),
-        methods=("pnp", "pnp_learned", "magnitude", "taylor", "control"),
+        methods=("pnp", "pnp_learned", "pnp_widths", "magnitude", "taylor", "control"),
         seeds=(0, 1, 2, 3, 4),
         overrides=CPU_REPORT,
     ),
