@@ -76,7 +76,8 @@ PROFILES: dict[str, Profile] = {
             )),
         ),
     ),
-    # CPU, fixed before any of its results were seen: the quick profile's schedules with 5x its
+    # CPU, fixed before any of its results were seen (pnp_widths, pnp's widths with magnitude's
+    # channels, joined after ResNet-20's first five seeds): the quick profile's schedules with 5x its
     # fine-tuning epochs (LeNet-5 15 on all of Fashion-MNIST; the others 10 of 79 batches of 128),
     # ResNet-56 and MobileNetV2 (CIFAR form) trained as ResNet-20 is, 5 seeds. Fine-tuning distils
     # from the baseline (the recipe's finetune.kd_weight=1.0), every method and the control alike;
