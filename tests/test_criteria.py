@@ -297,6 +297,37 @@ def test_bench_methods_refuses_bad_settings(tmp_path):
             bench.main(["--profile", "quick", "--out", str(tmp_path), "--report-only", *argv])
 
 
+def test_replay_lookahead_reproduces_the_stored_choice_and_tries_other_settings_without_training(tmp_path):
+    bench = _bench_module()  # puts benchmarks/ on sys.path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "replay_lookahead.py"
+    spec = importlib.util.spec_from_file_location("replay_lookahead", path)
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    data = write_fashion_mnist(tmp_path / "fmnist", n_train=600, n_test=200)
+    out = tmp_path / "out"
+    bench.main(["--profile", "smoke", "--data-root", str(data), "--out", str(out), "--methods", "pnp"])
+    stored = json.loads((out / "runs" / "lenet5-fashion_mnist" / "pnp-r50-s0.json").read_text())
+    common = ["--profile", "smoke", "--data-root", str(data), "--out", str(out)]
+    stamps = _stamps(out)
+
+    [same] = replay.main(common + ["--json", str(tmp_path / "same.json")])
+    assert same["choice"] == stored["inherit"]["choice"]
+    assert same["lookahead_accuracy"] == stored["inherit"]["lookahead_accuracy"]  # the same look-ahead, replayed
+    assert same["accuracy"] == stored["accuracy"] and same["record"].endswith("pnp-r50-s0.json")
+    assert json.loads((tmp_path / "same.json").read_text()) == [same]
+
+    [fewer] = replay.main(common + ["--set", "inherit.candidates=[magnitude]", "--set", "inherit.steps=2",
+                                    "--json", str(tmp_path / "fewer.json")])
+    assert set(fewer["lookahead_accuracy"]) == {"magnitude", "widths:magnitude"}
+    assert fewer["choice"] in fewer["lookahead_accuracy"]
+    if fewer["choice"] != stored["inherit"]["choice"]:  # that model was never fine-tuned here: no figure is made up
+        assert fewer["accuracy"] is None and fewer["record"] is None
+    assert _stamps(out) == stamps  # nothing under the benchmark was trained or rewritten
+
+    shutil.rmtree(out / "stages" / "lenet5-fashion_mnist-s0" / "pruner-k50")
+    assert replay.main(common + ["--json", str(tmp_path / "none.json")]) == []  # skipped, not trained
+
+
 def test_sparsity_training_pulls_bn_scales_towards_zero_and_is_reused(tmp_path):
     _bench_module()
     from methods.methods import sparsity_trained
