@@ -133,6 +133,11 @@ def test_selection_takes_the_best_score_and_on_a_tie_the_earlier_candidate():
                                 "skipped": {"bn_scale": "no BatchNorm"}, "steps": 7}
     level = select_inheritance(keeps, lambda name, keep: 0.0)
     assert level.choice == "learned" and set(level.to_dict()) == {"choice", "lookahead_accuracy", "skipped", "steps"}
+    # one candidate left (the others skipped): taken as it is, no look-ahead trained for it
+    only = select_inheritance({"magnitude": keeps["magnitude"]}, score, {"widths:magnitude": "no budget"}, steps=7)
+    assert scored == ["learned", "l1", "magnitude"]  # score was not called again
+    assert only.to_dict() == {"choice": "magnitude", "lookahead_accuracy": {}, "skipped": {"widths:magnitude": "no budget"},
+                              "steps": 0}
     with pytest.raises(ValueError, match=r"none of the inheritance candidates \['bn_scale'\] applies"):
         select_inheritance({}, score, {"bn_scale": "no BatchNorm"})
 

@@ -103,6 +103,7 @@ def select_inheritance(
     metric: str = "accuracy",
 ) -> Inheritance:
     """The candidate whose keep decisions ``score(name, keep)`` rates highest; ties go to the earlier candidate.
+    A single candidate is taken as it is, unscored.
 
     ``score`` is the task's look-ahead: cut the target to ``keep``, fine-tune it
     briefly (every candidate on the same batches, from the same seed) and evaluate
@@ -112,6 +113,9 @@ def select_inheritance(
     skipped = dict(skipped or {})
     if not keeps:
         raise ValueError(f"none of the inheritance candidates {list(skipped)} applies to this model: {skipped}")
+    if len(keeps) == 1:  # nothing to compare it with: no look-ahead is trained
+        [(only, keep)] = keeps.items()
+        return Inheritance(only, dict(keep), {}, skipped, 0, metric)
     scores = {name: float(score(name, keep)) for name, keep in keeps.items()}
     order = list(scores)
     best = max(order, key=lambda n: (scores[n], -order.index(n)))
