@@ -188,7 +188,7 @@ class InheritConfig:
     # ("l1", "magnitude", ...), or "auto": each of `candidates` is cut and fine-tuned
     # for `steps` SGD steps, and the best accuracy on held-out images wins. The pruner's
     # own picks ("learned") are not a default candidate: on ResNet-20 and LeNet-5 they won
-    # 4 of 43 look-aheads, and without them the final accuracy was level (-0.04 at 70%,
+    # 4 of 45 look-aheads, and without them the final accuracy was level (-0.04 at 70%,
     # +0.07 at 90% of the FLOPs removed, 12 seeds) for two-thirds of the look-ahead's cost
     choice: str = "auto"
     candidates: list[str] = field(default_factory=lambda: ["magnitude"])
