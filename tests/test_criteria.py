@@ -165,9 +165,9 @@ def test_groups_without_scores_are_ranked_to_keep(resnet):
 # ---------------------------------------------------------------- the benchmark harness
 
 
-def _bench_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
-    spec = importlib.util.spec_from_file_location("bench_methods", path)
+def _bench_module(script: str = "bench_methods"):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(script, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)  # puts benchmarks/ on sys.path, for its methods package
@@ -298,11 +298,7 @@ def test_bench_methods_refuses_bad_settings(tmp_path):
 
 
 def test_replay_lookahead_reproduces_the_stored_choice_and_tries_other_settings_without_training(tmp_path):
-    bench = _bench_module()  # puts benchmarks/ on sys.path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "replay_lookahead.py"
-    spec = importlib.util.spec_from_file_location("replay_lookahead", path)
-    replay = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(replay)
+    bench, replay = _bench_module(), _bench_module("replay_lookahead")
     data = write_fashion_mnist(tmp_path / "fmnist", n_train=600, n_test=200)
     out = tmp_path / "out"
     bench.main(["--profile", "smoke", "--data-root", str(data), "--out", str(out), "--methods", "pnp"])
