@@ -1,5 +1,7 @@
 """ClassifierModule: training lowers the loss, the schedule ends where it says, distillation is opt-in."""
 
+import math
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -55,6 +57,32 @@ def test_training_lowers_loss_and_cosine_ends_at_zero():
     assert "train/kd_loss" not in t.callback_metrics
     result = t.test(module, val, verbose=False)[0]
     assert result["test/acc"] == pytest.approx(val_acc, abs=1e-4)  # same data, same model
+
+
+class LearningRates(pl.Callback):
+    def __init__(self):
+        self.rates = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_warmup_raises_the_rate_linearly_then_follows_the_schedule(schedule):
+    # 8 steps an epoch; warmup over the first epoch and a half: 12 steps
+    rates = LearningRates()
+    module = ClassifierModule(small_net(), lr=0.1, epochs=3, schedule=schedule, warmup_epochs=1.5)
+    trainer(max_epochs=3, callbacks=[rates]).fit(module, synthetic_loader(n=256, batch_size=32))
+    assert len(rates.rates) == 24
+    plain = [0.1 * (0.5 * (1 + math.cos(math.pi * s / 24)) if schedule == "cosine" else 1.0) for s in range(24)]
+    expected = [p * min(1.0, (s + 1) / 12) for s, p in enumerate(plain)]
+    assert rates.rates == pytest.approx(expected)
+    assert rates.rates[0] < 0.01 and rates.rates[11] == pytest.approx(plain[11])
+
+
+def test_warmup_must_end_before_training_does():
+    with pytest.raises(ValueError, match="warmup_epochs 3"):
+        ClassifierModule(small_net(), epochs=3, warmup_epochs=3)
 
 
 def test_step_schedule_and_adam():

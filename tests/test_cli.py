@@ -57,6 +57,8 @@ def snapshot(directory: Path) -> dict:
         ("trainer.precision=8", "trainer.precision", "'8'"),
         ("train.optimizer=lbfgs", "train.optimizer", "'lbfgs'"),
         ("finetune.momentum=1.0", "finetune.momentum", "1.0"),
+        ("train.warmup_epochs=-1", "train.warmup_epochs", "-1.0"),
+        ("finetune.warmup_epochs=99", "finetune.warmup_epochs", "99.0"),
         ("data.name=mnist", "data.name", "'mnist'"),
         ("model.builder=pnp:lenet7", "model.builder", "'pnp:lenet7'"),
     ],

@@ -105,6 +105,9 @@ class OptimConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     schedule: str = "cosine"
+    # the learning rate rises linearly over the first N epochs (a fraction allowed): deep
+    # networks started at a large rate (ResNet-56 at 0.1) can otherwise diverge
+    warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
@@ -420,6 +423,9 @@ def _check_optim(cfg: DictConfig, section: str) -> None:
     _number(cfg, f"{section}.lr", low=0, low_open=True)
     _number(cfg, f"{section}.weight_decay", low=0)
     _number(cfg, f"{section}.momentum", low=0, high=1, high_open=True)
+    _number(cfg, f"{section}.warmup_epochs", low=0)
+    warmup, epochs = OmegaConf.select(cfg, f"{section}.warmup_epochs"), OmegaConf.select(cfg, f"{section}.epochs")
+    _require(warmup < epochs, f"{section}.warmup_epochs", warmup, f"must be below {section}.epochs ({epochs})")
     _number(cfg, f"{section}.label_smoothing", low=0, high=1, high_open=True)
     _number(cfg, f"{section}.kd_weight", low=0)
     _number(cfg, f"{section}.kd_temperature", low=0, low_open=True)

@@ -324,6 +324,7 @@ def _classifier(cfg: DictConfig, cfg_section, model: nn.Module, teacher: nn.Modu
         optimizer=cfg_section.optimizer,
         epochs=cfg_section.epochs,
         schedule=cfg_section.schedule,
+        warmup_epochs=cfg_section.warmup_epochs,
         label_smoothing=cfg_section.label_smoothing,
         teacher=teacher,
         kd_weight=cfg_section.kd_weight if teacher is not None else 0.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytorch_lightning as pl
 import torch
@@ -42,6 +43,21 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                         {"params": kept, "weight_decay": 0.0}) if g["params"]]
 
 
+def lr_factor(schedule: str, total: int, warmup: int, step: int) -> float:
+    """The multiple of the base learning rate at optimizer step ``step`` of ``total``.
+
+    ``schedule`` as in :class:`ClassifierModule`; over the first ``warmup`` steps it is
+    scaled by ``(step + 1) / warmup``.
+    """
+    if schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    elif schedule == "step":
+        factor = 0.1 ** ((step >= 0.5 * total) + (step >= 0.75 * total))
+    else:
+        factor = 1.0
+    return factor * min(1.0, (step + 1) / warmup) if warmup > 0 else factor
+
+
 class ClassifierModule(ChannelsLastModule):
     """Cross-entropy training of ``model``, optionally distilled from a frozen ``teacher``.
 
@@ -49,7 +65,9 @@ class ClassifierModule(ChannelsLastModule):
     the teacher is only run when ``kd_weight > 0``, and not at all when a batch
     carries its outputs as a third item (see :func:`fixed_teacher_outputs`). The learning rate follows
     ``schedule`` per step over ``epochs`` epochs: ``"cosine"`` decays to zero,
-    ``"step"`` divides by 10 at 50% and 75%, ``"constant"`` keeps it.
+    ``"step"`` divides by 10 at 50% and 75%, ``"constant"`` keeps it. With ``warmup_epochs``
+    the schedule is scaled by a factor that rises linearly to 1 over that many epochs (a
+    fraction allowed), so a deep network starting at a large rate does not diverge.
     ``channels_last`` trains in that memory format (:class:`ChannelsLastModule`).
     """
 
@@ -62,6 +80,7 @@ class ClassifierModule(ChannelsLastModule):
         optimizer: str = "sgd",
         epochs: int = 10,
         schedule: str = "cosine",
+        warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
         teacher: nn.Module | None = None,
         kd_weight: float = 0.0,
@@ -79,6 +98,8 @@ class ClassifierModule(ChannelsLastModule):
             raise ValueError(f"weight_decay {weight_decay} must be >= 0 and momentum {momentum} in [0, 1)")
         if not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs {epochs!r} must be an integer >= 1")
+        if not 0 <= float(warmup_epochs) < epochs:
+            raise ValueError(f"warmup_epochs {warmup_epochs} must be >= 0 and below epochs ({epochs})")
         if not 0 <= float(label_smoothing) < 1:
             raise ValueError(f"label_smoothing {label_smoothing} must be in [0, 1)")
         if float(kd_weight) < 0:
@@ -151,14 +172,11 @@ class ClassifierModule(ChannelsLastModule):
             optimizer = torch.optim.AdamW(decay_groups(self.model, hp.weight_decay), lr=hp.lr)
         else:
             optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.schedule == "constant":
-            return optimizer
         total = self._total_steps()
-        if hp.schedule == "cosine":
-            factor = lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
-        else:
-            factor = lambda step: 0.1 ** ((step >= 0.5 * total) + (step >= 0.75 * total))  # noqa: E731
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        warmup = round(total * float(hp.get("warmup_epochs", 0.0)) / hp.epochs)
+        if hp.schedule == "constant" and warmup == 0:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, hp.schedule, total, warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _total_steps(self) -> int:
