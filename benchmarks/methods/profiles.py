@@ -83,12 +83,12 @@ PROFILES: dict[str, Profile] = {
     # CPU, fixed before any of its results were seen (pnp_widths, pnp's widths with magnitude's
     # channels, joined after ResNet-20's first five seeds): the quick profile's schedules with 5x its
     # fine-tuning epochs (LeNet-5 15 on all of Fashion-MNIST; the others 10 of 79 batches of 128),
-    # ResNet-56 and MobileNetV2 (CIFAR form) trained as ResNet-20 is, 5 seeds. Fine-tuning distils
+    # ResNet-56 and MobileNetV2 (CIFAR form) trained as ResNet-20 is but with one epoch of warmup, 5 seeds. Fine-tuning distils
     # from the baseline (the recipe's finetune.kd_weight=1.0), every method and the control alike;
     # --set finetune.kd_weight=0 turns it off for all. Run it in parts, one process at a time:
-    # --models X --seeds S. A seed, estimated from the quick profile's times and single training
-    # steps (not yet run): about 0.5 core-hours for LeNet-5, 1 for ResNet-20, 3 for ResNet-56 and
-    # 10 for MobileNetV2, whose depthwise convolutions train slowly on a CPU.
+    # --models X --seeds S. Measured on one thread, pnp, magnitude and Taylor at 70 and 90%: about
+    # 17 core-minutes a seed for ResNet-20 and 55 for ResNet-56; MobileNetV2, estimated from single
+    # training steps, about 10x ResNet-20 (its depthwise convolutions train slowly on a CPU).
     "standard": Profile(
         entries=(
             Entry("lenet5", overrides=("train.epochs=8", "finetune.epochs=15")),
