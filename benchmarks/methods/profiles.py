@@ -83,10 +83,10 @@ PROFILES: dict[str, Profile] = {
     # CPU, fixed before any of its results were seen (pnp_widths, pnp's widths with magnitude's
     # channels, joined after ResNet-20's first five seeds): the quick profile's schedules with 5x its
     # fine-tuning epochs (LeNet-5 15 on all of Fashion-MNIST; the others 10 of 79 batches of 128),
-    # ResNet-56 and MobileNetV2 (CIFAR form) trained as ResNet-20 is but with one epoch of warmup, 5 seeds. Fine-tuning distils
-    # from the baseline (the recipe's finetune.kd_weight=1.0), every method and the control alike;
-    # --set finetune.kd_weight=0 turns it off for all. Run it in parts, one process at a time:
-    # --models X --seeds S. Measured on one thread, pnp, magnitude and Taylor at 70 and 90%: about
+    # ResNet-56 and MobileNetV2 (CIFAR form) trained as ResNet-20 is, with one epoch of warmup, 5 seeds.
+    # Fine-tuning distils from the baseline (the recipe's finetune.kd_weight=1.0), every method and
+    # the control alike; --set finetune.kd_weight=0 turns it off for all. Run it in parts, one
+    # process at a time: --models X --seeds S. Measured on one thread, pnp, magnitude and Taylor at 70 and 90%: about
     # 17 core-minutes a seed for ResNet-20 and 55 for ResNet-56; MobileNetV2, estimated from single
     # training steps, about 10x ResNet-20 (its depthwise convolutions train slowly on a CPU).
     "standard": Profile(
@@ -95,7 +95,8 @@ PROFILES: dict[str, Profile] = {
             Entry("resnet20", overrides=RESNET20_STANDARD),
             # the deeper two warm up over the first epoch: ResNet-56's first baseline at lr 0.1 without it
             # diverged in its first epoch (validation loss 1.1e6) and ended at 80.15% against ResNet-20's ~90%
-            *(Entry(model, overrides=(*RESNET20_STANDARD, "train.warmup_epochs=1")) for model in ("resnet56", "mobilenetv2")),
+            *(Entry(model, overrides=(*RESNET20_STANDARD, "train.warmup_epochs=1"))
+              for model in ("resnet56", "mobilenetv2")),
         ),
         methods=("pnp", "pnp_learned", "pnp_widths", "magnitude", "taylor", "control"),
         seeds=(0, 1, 2, 3, 4),

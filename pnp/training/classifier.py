@@ -173,7 +173,7 @@ class ClassifierModule(ChannelsLastModule):
         else:
             optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
         total = self._total_steps()
-        warmup = round(total * float(hp.get("warmup_epochs", 0.0)) / hp.epochs)
+        warmup = round(total * float(hp.warmup_epochs) / hp.epochs)
         if hp.schedule == "constant" and warmup == 0:
             return optimizer
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, hp.schedule, total, warmup))
