@@ -16,13 +16,17 @@ without fine-tuning anything again.
 
 Nothing is trained: a (seed, budget) whose baseline or pruner run is not finished under
 ``--out`` is reported and skipped. The output JSON holds one row per run: the choice, the
-look-ahead scores, the look-ahead's seconds and the chosen model's accuracy (null when no
-record of that model is found under ``--records``).
+look-ahead scores, the look-ahead's seconds, the chosen model's accuracy (null when no
+record of that model is found under ``--records``) and that record's path, relative to the
+JSON's folder. The JSON is rewritten after every row, so a replay that is stopped resumes
+when run again: a run whose row is there under the same ``--set`` is not replayed, and its
+accuracy is read again from the records (a model fine-tuned since is filled in).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,10 +79,19 @@ def replay(args) -> list[dict]:
     bench = resolve(PROFILES[args.profile], args.set, options, models=args.models, methods=["pnp"],
                     budgets=args.budgets, seeds=args.seeds)
     records = args.records or [args.out]
+    done = _previous_rows(args.json, args.set)
     rows = []
     for entry in bench.profile.entries:
         for seed in bench.profile.seeds:
             runs = [plan(bench.recipes[entry.name], entry, seed, "pnp", b, options) for b in bench.profile.budgets]
+            for r in runs:
+                row = done.get((entry.model, seed, r.removed))
+                if row is not None:  # replayed before: only its accuracy is read again
+                    accuracy, source = final_accuracy(records, entry, row["choice"], r.removed, seed)
+                    rows.append({**row, "accuracy": accuracy, "record": _relative(source, args.json)})
+                    _write(args.json, rows, done)
+                    print(f"{r.tag}: replayed before, chose {row['choice']}; after fine-tuning {accuracy}", flush=True)
+            runs = [r for r in runs if (entry.model, seed, r.removed) not in done]
             ready = [r for r in runs if all(r.dirs[s].check() == "done" for s in ("train", "train_pruner"))]
             for r in runs:
                 if r not in ready:
@@ -99,8 +112,9 @@ def replay(args) -> list[dict]:
                 accuracy, source = final_accuracy(records, entry, found["choice"], r.removed, seed)
                 row = {"model": entry.model, "seed": seed, "budget": r.removed, "choice": found["choice"],
                        "lookahead_accuracy": found["lookahead_accuracy"], "lookahead_s": round(seconds, 2),
-                       "accuracy": accuracy, "record": source, "set": list(args.set)}
+                       "accuracy": accuracy, "record": _relative(source, args.json), "set": list(args.set)}
                 rows.append(row)
+                _write(args.json, rows, done)
                 print(f"{r.tag}: chose {row['choice']} {row['lookahead_accuracy']} in {seconds:.0f} s; "
                       f"after fine-tuning {accuracy}", flush=True)
     return rows
@@ -112,8 +126,41 @@ def main(argv=None) -> list[dict]:
         rows = replay(args)
     except BenchmarkError as exc:
         raise SystemExit(f"replay_lookahead: {exc}") from None
-    write_json_atomic(args.json, rows)
+    _write(args.json, rows, _previous_rows(args.json, args.set))
     return rows
+
+
+def _previous_rows(path: Path, settings: list[str]) -> dict:
+    """Rows of an earlier replay into ``path`` under the same ``--set``, by (model, seed, budget)."""
+    if not path.is_file():
+        return {}
+    try:
+        rows = read_json(path)
+    except ValueError as exc:
+        raise SystemExit(f"replay_lookahead: --json {path} is not a replay's JSON ({exc}); "
+                         "name another file or delete it") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"model", "seed", "budget", "choice", "set"} <= set(r)
+                                             for r in rows):
+        raise SystemExit(f"replay_lookahead: --json {path} is not a replay's JSON (a list of rows); "
+                         "name another file or delete it")
+    if any(r["set"] != list(settings) for r in rows):
+        raise SystemExit(f"replay_lookahead: --json {path} holds a replay under other --set "
+                         f"({rows[0]['set']}, now {list(settings)}); name another file to keep both")
+    return {(r["model"], r["seed"], r["budget"]): r for r in rows}
+
+
+def _relative(source: str | None, json_path: Path) -> str | None:
+    """``source`` relative to the JSON's folder: the rows then name no folder of the machine they ran on."""
+    if source is None:
+        return None
+    return Path(os.path.relpath(Path(source).resolve(), json_path.resolve().parent)).as_posix()
+
+
+def _write(path: Path, rows: list[dict], previous: dict) -> None:
+    """``rows``, then the earlier replay's rows of runs not visited this time (nothing written is lost)."""
+    visited = {(r["model"], r["seed"], r["budget"]) for r in rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, rows + [r for key, r in previous.items() if key not in visited])
 
 
 if __name__ == "__main__":

@@ -309,8 +309,23 @@ def test_replay_lookahead_reproduces_the_stored_choice_and_tries_other_settings_
     [same] = replay.main(common + ["--json", str(tmp_path / "same.json")])
     assert same["choice"] == stored["inherit"]["choice"]
     assert same["lookahead_accuracy"] == stored["inherit"]["lookahead_accuracy"]  # the same look-ahead, replayed
-    assert same["accuracy"] == stored["accuracy"] and same["record"].endswith("pnp-r50-s0.json")
+    assert same["accuracy"] == stored["accuracy"]
+    # the record is named relative to the JSON's folder, so the rows can move with it
+    assert not Path(same["record"]).is_absolute()
+    assert (tmp_path / same["record"]).resolve() == (out / "runs" / "lenet5-fashion_mnist" / "pnp-r50-s0.json").resolve()
     assert json.loads((tmp_path / "same.json").read_text()) == [same]
+
+    # run again, it resumes: the row written is kept, not replayed (a sentinel in it survives)
+    (tmp_path / "same.json").write_text(json.dumps([{**same, "lookahead_s": -1.0}]))
+    [again] = replay.main(common + ["--json", str(tmp_path / "same.json")])
+    assert again == {**same, "lookahead_s": -1.0}
+    # rows of runs not visited this time stay in the file (seed 1 has no stages: skipped)
+    assert replay.main(common + ["--seeds", "1", "--json", str(tmp_path / "same.json")]) == []
+    assert json.loads((tmp_path / "same.json").read_text()) == [again]
+    # another --set never mixes with the rows there
+    with pytest.raises(SystemExit, match=r"other --set"):
+        replay.main(common + ["--set", "inherit.steps=2", "--json", str(tmp_path / "same.json")])
+    assert json.loads((tmp_path / "same.json").read_text()) == [again]
 
     [fewer] = replay.main(common + ["--set", "inherit.candidates=[magnitude]", "--set", "inherit.steps=2",
                                     "--json", str(tmp_path / "fewer.json")])
