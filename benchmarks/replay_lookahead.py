@@ -89,7 +89,6 @@ def replay(args) -> list[dict]:
                 if row is not None:  # replayed before: only its accuracy is read again
                     accuracy, source = final_accuracy(records, entry, row["choice"], r.removed, seed)
                     rows.append({**row, "accuracy": accuracy, "record": _relative(source, args.json)})
-                    _write(args.json, rows, done)
                     print(f"{r.tag}: replayed before, chose {row['choice']}; after fine-tuning {accuracy}", flush=True)
             runs = [r for r in runs if (entry.model, seed, r.removed) not in done]
             ready = [r for r in runs if all(r.dirs[s].check() == "done" for s in ("train", "train_pruner"))]
@@ -117,6 +116,7 @@ def replay(args) -> list[dict]:
                 _write(args.json, rows, done)
                 print(f"{r.tag}: chose {row['choice']} {row['lookahead_accuracy']} in {seconds:.0f} s; "
                       f"after fine-tuning {accuracy}", flush=True)
+    _write(args.json, rows, done)  # the rows read again, and the file even when nothing was replayed
     return rows
 
 
@@ -126,7 +126,6 @@ def main(argv=None) -> list[dict]:
         rows = replay(args)
     except BenchmarkError as exc:
         raise SystemExit(f"replay_lookahead: {exc}") from None
-    _write(args.json, rows, _previous_rows(args.json, args.set))
     return rows
 
 
@@ -146,7 +145,11 @@ def _previous_rows(path: Path, settings: list[str]) -> dict:
     if any(r["set"] != list(settings) for r in rows):
         raise SystemExit(f"replay_lookahead: --json {path} holds a replay under other --set "
                          f"({rows[0]['set']}, now {list(settings)}); name another file to keep both")
-    return {(r["model"], r["seed"], r["budget"]): r for r in rows}
+    return {_key(r): r for r in rows}
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row["seed"], row["budget"]
 
 
 def _relative(source: str | None, json_path: Path) -> str | None:
@@ -158,7 +161,7 @@ def _relative(source: str | None, json_path: Path) -> str | None:
 
 def _write(path: Path, rows: list[dict], previous: dict) -> None:
     """``rows``, then the earlier replay's rows of runs not visited this time (nothing written is lost)."""
-    visited = {(r["model"], r["seed"], r["budget"]) for r in rows}
+    visited = {_key(r) for r in rows}
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, rows + [r for key, r in previous.items() if key not in visited])
 
