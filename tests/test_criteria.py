@@ -215,7 +215,7 @@ def test_bench_methods_smoke_writes_records_table_and_plot(tmp_path):
     assert pnp_record["settings"]["pruner"]["budget"] == 0.5  # the pruner learns at the budget surgery cuts to
     assert {"pruner_training_s", "prune_s"} <= set(pnp_record["select_steps_s"])  # whichever widths won
     tried = pnp_record["inherit"]["lookahead_accuracy"]  # the weight-inheritance look-ahead ran and chose
-    assert set(tried) == {"magnitude", "widths:magnitude"} and pnp_record["inherit"]["choice"] in tried
+    assert set(tried) == {"learned", "magnitude", "widths:magnitude"} and pnp_record["inherit"]["choice"] in tried
     l1_record = json.loads((out / "runs" / "lenet5-fashion_mnist" / "l1-r50-s0.json").read_text())
     assert l1_record["settings"]["criterion"] == "l1" and "inherit" not in l1_record
     # the control: the baseline itself through stages.finetune, by the methods' schedule, nothing cut

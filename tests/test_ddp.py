@@ -76,7 +76,7 @@ def test_pipeline_on_two_ranks_cuts_the_same_inherited_channels(tmp_path):
 
     assert json.loads((out / "train_pruner" / "report.json").read_text())["world_size"] == 2
     inherit = json.loads((out / "prune" / "report.json").read_text())["inherit"]
-    assert set(inherit["lookahead_accuracy"]) == {"magnitude", "widths:magnitude"}
+    assert set(inherit["lookahead_accuracy"]) == {"learned", "magnitude", "widths:magnitude"}
     from pnp.core.artifacts import load_pruned
 
     keep = json.loads((out / "prune" / "keep.json").read_text())["groups"]

@@ -111,7 +111,7 @@ def test_pipeline_writes_report_plots_logs_and_config(finished_run):
     assert pruner["input_samples"] == 32  # the batch's decision is made from its first 32 images
     prune = json.loads((out / "prune" / "report.json").read_text())
     inherit = prune["inherit"]  # weights inherited as the look-ahead chose: at the learned widths, or magnitude's own
-    assert set(inherit["lookahead_accuracy"]) == {"magnitude", "widths:magnitude"}
+    assert set(inherit["lookahead_accuracy"]) == {"learned", "magnitude", "widths:magnitude"}
     assert inherit["choice"] == max(inherit["lookahead_accuracy"], key=inherit["lookahead_accuracy"].get)
     assert prune["readout"]["channels_kept"] == sum(prune["channels_kept"].values())
     if inherit["choice"] == "widths:magnitude":  # the read-out that was cut, with the pruner's beside it
@@ -233,8 +233,9 @@ def test_without_a_budget_the_criterions_widths_are_skipped_and_say_why(finished
                                    "report.latency_batch_sizes=[1]", "report.latency_repeats=2"])
     run("prune", cfg, single)
     inherit = json.loads((single / "report.json").read_text())["inherit"]
-    # the one candidate left is taken as it is: there is nothing to compare it with
-    assert (inherit["choice"], inherit["lookahead_accuracy"], inherit["steps"]) == ("magnitude", {}, 0)
+    # the candidates at the learned widths are still compared; the rival is not among them
+    assert set(inherit["lookahead_accuracy"]) == {"learned", "magnitude"} and inherit["steps"] == 2
+    assert inherit["choice"] == max(inherit["lookahead_accuracy"], key=inherit["lookahead_accuracy"].get)
     assert "no readout.budget" in inherit["skipped"]["widths:magnitude"]
 
 
