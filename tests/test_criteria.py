@@ -339,6 +339,41 @@ def test_replay_lookahead_reproduces_the_stored_choice_and_tries_other_settings_
     assert replay.main(common + ["--json", str(tmp_path / "none.json")]) == []  # skipped, not trained
 
 
+def test_replay_table_reads_the_replayed_choices_against_the_criteria_beside_them(tmp_path, capsys):
+    table = _bench_module("replay_table")
+    runs = tmp_path / "bench" / "runs" / "resnet20-fashion_mnist"
+    runs.mkdir(parents=True)
+    accuracy = {  # seed -> method -> accuracy at 70% of the FLOPs removed
+        0: {"pnp_learned": 90.4, "pnp": 90.0, "magnitude": 90.1, "taylor": 89.5},
+        1: {"pnp_learned": 90.6, "pnp": 90.3, "magnitude": 90.2, "taylor": 89.9},
+        2: {"pnp_learned": 90.5, "pnp": 90.2, "magnitude": 90.1, "taylor": 90.3},
+    }
+    for seed, by_method in accuracy.items():
+        for method, acc in by_method.items():
+            (runs / f"{method}-r70-s{seed}.json").write_text(json.dumps({"method": method, "seed": seed, "budget": 0.7,
+                                                                          "accuracy": acc}))
+    rows = [{"model": "resnet20", "seed": s, "budget": 0.7, "choice": "learned", "accuracy": accuracy[s]["pnp_learned"],
+             "record": f"bench/runs/resnet20-fashion_mnist/pnp_learned-r70-s{s}.json"} for s in (0, 1, 2)]
+    rows.append({"model": "resnet20", "seed": 3, "budget": 0.7, "choice": "magnitude", "accuracy": None, "record": None})
+    (tmp_path / "K.json").write_text(json.dumps(rows))
+
+    [best] = table.main([str(tmp_path / "K.json"), "--json", str(tmp_path / "out.json")])
+    # magnitude has the higher mean of the two criteria; the picks' own method and pnp are not rivals
+    assert (best["rival"], best["seeds"], best["n"]) == ("magnitude", [0, 1, 2], 3)
+    assert best["diffs"] == pytest.approx([0.3, 0.4, 0.4]) and best["worst"] == pytest.approx(0.3)
+    assert best["low"] > 0 and best["verdict"] == "ahead"
+    assert json.loads((tmp_path / "out.json").read_text()) == [best]
+    assert "1 replayed row(s) have no final accuracy" in capsys.readouterr().out
+
+    [recorded] = table.main([str(tmp_path / "K.json"), "--rival", "pnp"])  # against the look-ahead the records ran
+    assert recorded["rival"] == "recorded pnp" and recorded["diffs"] == pytest.approx([0.4, 0.3, 0.3])
+    with pytest.raises(SystemExit, match="--rival 'nope' is not a method"):
+        table.main([str(tmp_path / "K.json"), "--rival", "nope"])
+    (tmp_path / "bad.json").write_text(json.dumps({"not": "rows"}))
+    with pytest.raises(SystemExit, match="is not a replay's JSON"):
+        table.main([str(tmp_path / "bad.json")])
+
+
 def test_sparsity_training_pulls_bn_scales_towards_zero_and_is_reused(tmp_path):
     _bench_module()
     from methods.methods import sparsity_trained
