@@ -28,6 +28,7 @@ from methods.tables import PNP, against_best, paired_difference  # noqa: E402
 from pnp.core.io import read_json, write_json_atomic  # noqa: E402
 
 REPLAYED = PNP  # the replayed choices stand in pnp's place, so the table's rule reads them as it reads pnp
+RECORDED = "recorded " + PNP  # pnp's own records: the look-ahead they were made with, a rival like any other
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,12 +64,9 @@ def cells(replays: list[Path]) -> tuple[dict[tuple, list[dict]], int]:
             folder = (path.parent / row["record"]).parent
             for sibling in sorted(folder.glob(f"*-r{round(100 * float(row['budget']))}-s{row['seed']}.json")):
                 record = read_json(sibling)
-                method = record.get("method")
-                if method in METHODS and method != REPLAYED and "accuracy" in record and "not_applicable" not in record:
+                if record.get("method") in METHODS and "accuracy" in record and "not_applicable" not in record:
+                    method = RECORDED if record["method"] == REPLAYED else record["method"]
                     cell[(method, row["seed"])] = {"method": method, "seed": row["seed"], "accuracy": record["accuracy"]}
-                elif method == REPLAYED:  # the look-ahead the records were made with, as a rival of its own
-                    cell[("recorded " + PNP, row["seed"])] = {"method": "recorded " + PNP, "seed": row["seed"],
-                                                              "accuracy": record["accuracy"]}
     return {key: list(cell.values()) for key, cell in sorted(out.items())}, missing
 
 
@@ -77,12 +75,10 @@ def compare(replays: list[Path], rival: str | None = None) -> tuple[list[dict], 
     by_cell, missing = cells(replays)
     rows = []
     for (model, budget), records in by_cell.items():
-        if rival is None:
-            criteria = [r for r in records if r["method"] in METHODS and METHODS[r["method"]].criterion is not None]
-            paired = against_best(criteria + [r for r in records if r["method"] == REPLAYED])
+        if rival is None:  # against_best picks among the criteria itself
+            paired = against_best([r for r in records if r["method"] != RECORDED])
         else:
-            name = "recorded " + PNP if rival == PNP else rival
-            paired = paired_difference(records, REPLAYED, name)
+            paired = paired_difference(records, REPLAYED, RECORDED if rival == PNP else rival)
         if paired is not None:
             found = paired.to_dict()
             rows.append({"model": model, "budget": budget, **found, "seeds": list(found["seeds"]), "diffs": list(found["diffs"])})
