@@ -12,6 +12,7 @@ among them fine-tunes the baseline by the same schedule, nothing cut, once per m
 
     python benchmarks/bench_methods.py --profile quick                  # CPU, about an hour on 2 cores
     python benchmarks/bench_methods.py --profile standard --models resnet20 --seeds 0  # CPU, in parts
+    python benchmarks/bench_methods.py --profile standard --models resnet20 --seeds 0 1 --jobs 2  # a process a seed
     python benchmarks/bench_methods.py --profile full --device cuda --cifar10-root DIR
     python benchmarks/bench_methods.py --models lenet5 --methods pnp l1 --budgets 0.7 --seeds 0
     python benchmarks/bench_methods.py --set resnet20:finetune.epochs=3 --set report.latency_repeats=20
@@ -57,7 +58,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="[MODEL:]KEY=VALUE",
                         help="override the recipe, e.g. finetune.epochs=3 or resnet20:train.lr=0.05")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.json, table.md and the plot")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the seeds in this many processes side by side, each with its share of the CPU "
+                             "threads unless OMP_NUM_THREADS is set; the reports are written once all have ended")
+    parser.add_argument("--no-reports", action="store_true", help=argparse.SUPPRESS)  # a --jobs worker: its parent reports
     return parser.parse_args(argv)
+
+
+def worker_commands(args: argparse.Namespace, seeds: list[int]) -> list[list[str]]:
+    """One command per process of ``--jobs``: this command for its share of ``seeds``, dealt in turn."""
+    common = [sys.executable, str(Path(__file__).resolve()), "--profile", args.profile, "--out", str(args.out),
+              "--device", args.device, "--no-reports"]
+    for flag, values in (("--models", args.models), ("--methods", args.methods), ("--budgets", args.budgets)):
+        if values:
+            common += [flag, *map(str, values)]
+    for flag, path in (("--data-root", args.data_root), ("--cifar10-root", args.cifar10_root)):
+        if path is not None:
+            common += [flag, str(path)]
+    common += [a for item in args.set for a in ("--set", item)]
+    shares = [seeds[i::args.jobs] for i in range(min(args.jobs, len(seeds)))]
+    return [common + ["--seeds", *map(str, share)] for share in shares]
+
+
+def run_in_processes(commands: list[list[str]]) -> int:
+    """Run ``commands`` side by side; the worst exit status, or 130/143 when interrupted.
+
+    Each worker has a session of its own, so a Ctrl-C reaches it once, forwarded from here
+    (a second would cut short the resume point its stage is writing).
+    """
+    import os
+    import signal
+    import subprocess
+
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // len(commands)))
+    workers: list[subprocess.Popen] = []
+    interrupted: list[int] = []
+    told: set[int] = set()  # workers already sent the signal
+
+    def forward(signum=None, frame=None):
+        if signum is not None:
+            interrupted.append(signum)
+        for worker in workers:
+            if interrupted and worker.pid not in told and worker.poll() is None:
+                told.add(worker.pid)
+                worker.send_signal(interrupted[0])
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for command in commands:
+            workers.append(subprocess.Popen(command, env=env, start_new_session=True))
+            forward()  # a signal that came while the workers started
+        statuses = [w.wait() for w in workers]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if interrupted:
+        return interrupted_status(interrupted)
+    return max(statuses, key=lambda status: (status != 0, abs(status)))
 
 
 def main(argv=None) -> dict:
@@ -70,10 +130,23 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     options = Options(args.out, args.device, {"fashion_mnist": args.data_root, "cifar10": args.cifar10_root})
     try:
+        if args.jobs < 1:
+            raise BenchmarkError(f"--jobs {args.jobs}: must be at least 1 (the number of processes side by side)")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise BenchmarkError("--device cuda, but torch sees no CUDA device; use --device cpu")
         bench = resolve(PROFILES[args.profile], args.set, options, models=args.models, methods=args.methods,
                         budgets=args.budgets, seeds=args.seeds)
+        if not args.report_only and args.jobs > 1:
+            status = run_in_processes(worker_commands(args, list(bench.profile.seeds)))
+            if status in (130, 143):
+                print(f"bench_methods: {RESUME_HINT}", file=sys.stderr, flush=True)
+                sys.exit(status)
+            results = write_reports(bench.profile, args.profile, args.out, args.device)
+            if status:
+                print(f"bench_methods: a worker process failed (exit status {status}); its output is above. "
+                      "The reports hold the runs that finished", file=sys.stderr, flush=True)
+                sys.exit(1)
+            return results
         if not args.report_only:
             interrupted: list[int] = []
             try:
@@ -84,6 +157,8 @@ def main(argv=None) -> dict:
                     raise
                 print(f"bench_methods: {RESUME_HINT}", file=sys.stderr, flush=True)
                 sys.exit(interrupted_status(interrupted))
+        if args.no_reports:
+            return {}
         return write_reports(bench.profile, args.profile, args.out, args.device)
     except BenchmarkError as exc:
         raise SystemExit(f"bench_methods: {exc}") from None

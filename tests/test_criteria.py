@@ -250,6 +250,48 @@ def test_bench_methods_smoke_writes_records_table_and_plot(tmp_path):
     assert _stamps(out / "runs") | _stamps(out / "stages") == stamps
 
 
+def test_bench_methods_runs_seeds_side_by_side_and_resumes_when_stopped(tmp_path):
+    """--jobs 2: a process a seed, one report over both; stopped, it exits 143 and the same command finishes."""
+    import signal
+    import subprocess
+    import time
+
+    data = write_fashion_mnist(tmp_path / "fmnist", n_train=600, n_test=200)
+    out = tmp_path / "out"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
+    command = [sys.executable, str(script), "--profile", "smoke", "--data-root", str(data), "--out", str(out),
+               "--methods", "l1", "--seeds", "0", "1", "--jobs", "2", "--set", "finetune.epochs=3"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    baselines = [out / "stages" / f"lenet5-fashion_mnist-s{s}" / "baseline" for s in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(b.exists() for b in baselines) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    records = out / "runs" / "lenet5-fashion_mnist"
+    assert first.returncode == 143, err
+    assert "run the same command again to resume" in err
+    assert not (out / "table.md").exists()  # nothing reported for a stopped run
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in records.glob("*.json")) == ["l1-r50-s0.json", "l1-r50-s1.json"]
+    for seed in (0, 1):  # each seed's own baseline, stopped and resumed or reused
+        record = json.loads((records / f"l1-r50-s{seed}.json").read_text())
+        baseline = json.loads((baselines[seed] / "report.json").read_text())["model"]
+        assert record["seed"] == seed and record["baseline_accuracy"] == baseline["accuracy"]
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(r["seed"] for r in results["records"]) == [0, 1]
+    assert "(n=2)" in (out / "table.md").read_text()  # one row over both seeds
+
+
+def test_bench_methods_refuses_jobs_below_one(tmp_path):
+    bench = _bench_module()
+    with pytest.raises(SystemExit, match="--jobs 0: must be at least 1"):
+        bench.main(["--profile", "smoke", "--out", str(tmp_path), "--jobs", "0"])
+
+
 def test_bench_methods_full_profile_runs_in_miniature(tmp_path):
     """The GPU profile's four entries (VGG-16-BN, ResNet-56; Fashion-MNIST and CIFAR-10) run pnp end to end.
 
