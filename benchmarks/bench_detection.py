@@ -55,6 +55,7 @@ from pnp.detection.pipeline import (  # noqa: E402
     register_splits, train_baseline, train_detector_pruner,
 )
 from pnp.core.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
+from pnp.training.runs import script_main  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -323,4 +324,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)  # bad input: its message, status 2

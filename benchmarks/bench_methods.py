@@ -39,7 +39,7 @@ from methods.methods import METHODS  # noqa: E402
 from methods.profiles import PROFILES  # noqa: E402
 from methods.runner import BenchmarkError, Options, resolve, run_benchmark  # noqa: E402
 from methods.tables import write_reports  # noqa: E402
-from pnp.training.runs import RESUME_HINT, interrupted_status, interrupts_recorded  # noqa: E402
+from pnp.training.runs import RESUME_HINT, interrupted_status, interrupts_recorded, script_main  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "methods"
 
@@ -165,4 +165,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)  # bad input: its message, status 2

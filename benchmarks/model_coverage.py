@@ -46,6 +46,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from pnp.core.io import read_json, write_json_atomic, write_text_atomic  # noqa: E402
+from pnp.training.runs import script_main  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "model_coverage" / "results.json"
 EXACT = 1e-4  # relative error below which the pruned model counts as computing the gated model
@@ -489,4 +490,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)  # bad input: its message, status 2

@@ -39,6 +39,7 @@ from methods.runner import BenchmarkError, Options, plan, record_path, resolve  
 from pnp.cli import stages  # noqa: E402
 from pnp.core.io import read_json, write_json_atomic  # noqa: E402
 from pnp.training.inherit import LEARNED, WIDTHS  # noqa: E402
+from pnp.training.runs import script_main  # noqa: E402
 
 # the benchmark method whose model each look-ahead candidate is
 CANDIDATE_METHOD = {LEARNED: "pnp_learned", "magnitude": "pnp_widths", WIDTHS + "magnitude": "magnitude"}
@@ -167,4 +168,4 @@ def _write(path: Path, rows: list[dict], previous: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)  # bad input: its message, status 2

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the methods package 
 from methods.methods import METHODS  # noqa: E402
 from methods.tables import PNP, against_best, paired_difference  # noqa: E402
 from pnp.core.io import read_json, write_json_atomic  # noqa: E402
+from pnp.training.runs import script_main  # noqa: E402
 
 REPLAYED = PNP  # the replayed choices stand in pnp's place, so the table's rule reads them as it reads pnp
 RECORDED = "recorded " + PNP  # pnp's own records: the look-ahead they were made with, a rival like any other
@@ -109,4 +110,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)  # bad input: its message, status 2

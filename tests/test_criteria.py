@@ -286,10 +286,21 @@ def test_bench_methods_runs_seeds_side_by_side_and_resumes_when_stopped(tmp_path
     assert "(n=2)" in (out / "table.md").read_text()  # one row over both seeds
 
 
-def test_bench_methods_refuses_jobs_below_one(tmp_path):
-    bench = _bench_module()
-    with pytest.raises(SystemExit, match="--jobs 0: must be at least 1"):
-        bench.main(["--profile", "smoke", "--out", str(tmp_path), "--jobs", "0"])
+def test_benchmark_scripts_end_bad_input_with_a_message_and_status_2(tmp_path):
+    import subprocess
+
+    bad = tmp_path / "replay.json"
+    bad.write_text("{not json")
+    scripts = Path(__file__).resolve().parents[1] / "benchmarks"
+    for argv, message in (
+        (["replay_table.py", str(bad)], f"replay_table: {bad} cannot be read as a replay's JSON"),
+        (["bench_methods.py", "--profile", "smoke", "--out", str(tmp_path / "out"), "--jobs", "0"],
+         "bench_methods: --jobs 0: must be at least 1"),
+    ):
+        done = subprocess.run([sys.executable, str(scripts / argv[0]), *argv[1:]], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_bench_methods_full_profile_runs_in_miniature(tmp_path):

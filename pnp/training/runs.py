@@ -14,9 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from pnp.core.io import read_json, write_json_atomic
 
@@ -49,6 +50,22 @@ def interrupts_recorded(record: list[int]):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def script_main(main: Callable[[], Any]) -> None:
+    """Run a script's ``main`` as a command: a ``SystemExit`` with a message is bad input.
+
+    The scripts end bad input by raising ``SystemExit("what was wrong and what to do")``;
+    here its message is printed without a traceback and the status is 2, as argparse gives
+    for a bad argument (Python's own would be 1, an internal error's). Other statuses pass.
+    """
+    try:
+        main()
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        raise
 
 
 def interrupted_status(record: list[int]) -> int:
