@@ -11,15 +11,13 @@ import torch
 
 
 def environment(device: str) -> dict:
-    import torch_pruning as tp
-
     env = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torch_pruning": getattr(tp, "__version__", None),
+        "torch_pruning": _distribution_version("torch-pruning"),
         "device": device,
         "commit": _git("rev-parse", "HEAD"),
         "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
@@ -27,6 +25,16 @@ def environment(device: str) -> dict:
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
+
+
+def _distribution_version(name: str) -> str | None:
+    """The installed distribution's version: torch-pruning 1.6.1's own ``__version__`` still says 1.6.0."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def _git(*args: str) -> str | None:
