@@ -30,6 +30,9 @@ fine-tuning; times) and ``accuracy_vs_flops.png``.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,16 +83,25 @@ def worker_commands(args: argparse.Namespace, seeds: list[int]) -> list[list[str
     return [common + ["--seeds", *map(str, share)] for share in shares]
 
 
+def run_here(bench, options: Options) -> int:
+    """Run the benchmark in this process; 0, or 130/143 when a signal stopped it (its stage wrote its resume point)."""
+    interrupted: list[int] = []
+    try:
+        with interrupts_recorded(interrupted):  # SIGTERM too: the stage writes its resume point
+            run_benchmark(bench, options)
+    except (KeyboardInterrupt, SystemExit):
+        if not interrupted:
+            raise
+        return interrupted_status(interrupted)
+    return 0
+
+
 def run_in_processes(commands: list[list[str]]) -> int:
     """Run ``commands`` side by side; the worst exit status, or 130/143 when interrupted.
 
     Each worker has a session of its own, so a Ctrl-C reaches it once, forwarded from here
     (a second would cut short the resume point its stage is writing).
     """
-    import os
-    import signal
-    import subprocess
-
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -136,30 +148,21 @@ def main(argv=None) -> dict:
             raise BenchmarkError("--device cuda, but torch sees no CUDA device; use --device cpu")
         bench = resolve(PROFILES[args.profile], args.set, options, models=args.models, methods=args.methods,
                         budgets=args.budgets, seeds=args.seeds)
-        if not args.report_only and args.jobs > 1:
-            status = run_in_processes(worker_commands(args, list(bench.profile.seeds)))
+        status = 0
+        if not args.report_only:
+            status = run_in_processes(worker_commands(args, list(bench.profile.seeds))) if args.jobs > 1 \
+                else run_here(bench, options)
             if status in (130, 143):
                 print(f"bench_methods: {RESUME_HINT}", file=sys.stderr, flush=True)
                 sys.exit(status)
-            results = write_reports(bench.profile, args.profile, args.out, args.device)
-            if status:
-                print(f"bench_methods: a worker process failed (exit status {status}); its output is above. "
-                      "The reports hold the runs that finished", file=sys.stderr, flush=True)
-                sys.exit(1)
-            return results
-        if not args.report_only:
-            interrupted: list[int] = []
-            try:
-                with interrupts_recorded(interrupted):  # SIGTERM too: the stage writes its resume point
-                    run_benchmark(bench, options)
-            except (KeyboardInterrupt, SystemExit):
-                if not interrupted:
-                    raise
-                print(f"bench_methods: {RESUME_HINT}", file=sys.stderr, flush=True)
-                sys.exit(interrupted_status(interrupted))
         if args.no_reports:
             return {}
-        return write_reports(bench.profile, args.profile, args.out, args.device)
+        results = write_reports(bench.profile, args.profile, args.out, args.device)
+        if status:
+            print(f"bench_methods: a worker process failed (exit status {status}); its output is above. "
+                  "The reports hold the runs that finished", file=sys.stderr, flush=True)
+            sys.exit(1)
+        return results
     except BenchmarkError as exc:
         raise SystemExit(f"bench_methods: {exc}") from None
 

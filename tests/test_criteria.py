@@ -252,6 +252,7 @@ def test_bench_methods_smoke_writes_records_table_and_plot(tmp_path):
 
 def test_bench_methods_runs_seeds_side_by_side_and_resumes_when_stopped(tmp_path):
     """--jobs 2: a process a seed, one report over both; stopped, it exits 143 and the same command finishes."""
+    import os
     import signal
     import subprocess
     import time
@@ -261,7 +262,7 @@ def test_bench_methods_runs_seeds_side_by_side_and_resumes_when_stopped(tmp_path
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_methods.py"
     command = [sys.executable, str(script), "--profile", "smoke", "--data-root", str(data), "--out", str(out),
                "--methods", "l1", "--seeds", "0", "1", "--jobs", "2", "--set", "finetune.epochs=3"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     baselines = [out / "stages" / f"lenet5-fashion_mnist-s{s}" / "baseline" for s in (0, 1)]
     deadline = time.monotonic() + 120
