@@ -225,6 +225,11 @@ def test_bench_methods_smoke_writes_records_table_and_plot(tmp_path):
     assert set(control["stages"]) == {"train", "finetune"} and (out / control["stages"]["finetune"] / "model").is_dir()
     assert control["settings"]["finetune"] == l1_record["settings"]["finetune"] and "readout" not in control["settings"]
     table = (out / "table.md").read_text()
+    # each record names the code it ran with, and the table the commits of its runs (not only the report's)
+    code = pnp_record["code"]
+    assert code["torch"] == torch.__version__ and code == l1_record["code"] == control["code"]
+    if code["commit"]:  # a git checkout
+        assert f"Runs made at commit {code['commit'][:12]} (3 runs)" in table
     assert "| pnp |" in table and "L1 (Li+17)" in table and "| lenet5 | fashion_mnist | 50% |" in table
     assert "n/a: bn_scale on lenet5" in table
     assert "| control (baseline fine-tuned) | pnp |" in table  # a column beside the baseline
@@ -522,7 +527,11 @@ def test_table_reports_accuracy_before_fine_tuning_and_times_against_the_criteri
         r["select_s"] = 0.0 if r["method"] == "control" else r["select_s"]
         if r["method"] == "control":
             r["budget"], r["flops_kept"] = 0.0, 1.0
+    records[0]["code"] = {"commit": "a" * 40, "uncommitted_changes": True}
+    records[1]["code"] = {"commit": "b" * 40}
     table = format_table(records, ("pnp", "magnitude", "taylor", "control"), [], {}, "test").splitlines()
+    assert table[2].endswith(f"Runs made at commit {'a' * 12} (1 run), {'b' * 12} (1 run), 1 of them with uncommitted "
+                             f"changes; {len(records) - 2} runs with no commit recorded.")
     start = table.index(next(line for line in table if "before fine-tuning" in line))
     assert "| resnet20 | fashion_mnist | 50% | **50.50** | 50.00 | 49.00 |" in table[start:]
     # pnp's 60 s against the criteria's mean of 15 s; the control fine-tunes only, once for every budget

@@ -16,15 +16,22 @@ def environment(device: str) -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_pruning": _distribution_version("torch-pruning"),
         "device": device,
-        "commit": _git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **code_version(),
     }
     if device == "cuda" and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(0)
     return env
+
+
+def code_version() -> dict:
+    """What ran: the commit (and whether tracked files differed from it), torch and torch-pruning."""
+    return {
+        "torch": torch.__version__,
+        "torch_pruning": _distribution_version("torch-pruning"),
+        "commit": _git("rev-parse", "HEAD"),
+        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 def _distribution_version(name: str) -> str | None:

@@ -28,6 +28,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from methods.environment import code_version
 from methods.methods import METHODS, Context
 from methods.profiles import Entry, Profile, SlimConfig
 from pnp.cli import stages
@@ -379,6 +380,7 @@ def record(run: Run, base: dict, pruned: dict | None, tuned: dict, model, input_
         "device": "cuda" if cfg.trainer.accelerator == "gpu" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "code": code_version(),  # the commit this run was made at; the table names it
         "stages": {name: d.path.relative_to(run.out).as_posix() for name, d in run.dirs.items()},  # under --out
         "settings": run.settings,
     }

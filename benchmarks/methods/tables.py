@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -159,6 +160,25 @@ def comparisons(records: list[dict]) -> dict[tuple, PairedDifference]:
     return out
 
 
+def made_at(records: list[dict]) -> str:
+    """The commits the runs were made at, from their records (``code``, which older records lack)."""
+    codes = [r.get("code") or {} for r in records]
+    commits = Counter(c["commit"][:12] for c in codes if c.get("commit"))
+    dirty = sum(bool(c.get("uncommitted_changes")) for c in codes if c.get("commit"))
+    unnamed = len(codes) - sum(commits.values())
+    parts = []
+    if commits:
+        parts.append("Runs made at commit " + ", ".join(f"{c} ({_runs(n)})" for c, n in commits.most_common())
+                     + (f", {dirty} of them with uncommitted changes" if dirty else ""))
+    if unnamed:
+        parts.append(f"{_runs(unnamed)} with no commit recorded")
+    return "; ".join(parts) + "." if parts else ""
+
+
+def _runs(n: int) -> str:
+    return f"{n} run" + ("s" if n != 1 else "")
+
+
 def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[dict], env: dict, profile_name: str) -> str:
     """Markdown: accuracy (mean ± std over seeds), pnp's paired difference to the best criterion,
     accuracy before fine-tuning, and each method's time."""
@@ -183,11 +203,13 @@ def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[di
     def labels(ms) -> list[str]:
         return [METHODS[m].label for m in ms]
 
+    runs_made_at = made_at(records)
     lines = [
         f"# Pruning methods at equal FLOPs ({profile_name} profile)",
         "",
         f"torch {env.get('torch')}, torch-pruning {env.get('torch_pruning')}, {env.get('device')}, "
-        f"commit {str(env.get('commit'))[:12]}" + (" (with uncommitted changes)." if env.get("uncommitted_changes") else "."),
+        f"reported at commit {str(env.get('commit'))[:12]}" + (" (with uncommitted changes)." if env.get("uncommitted_changes") else ".")
+        + (f" {runs_made_at}" if runs_made_at else ""),
         "Test accuracy (%) after the same fine-tuning, mean ± std over seeds (n = seeds); best of each row in bold."
         + (" The control is the baseline fine-tuned by the same schedule, nothing cut." if controls else ""),
         "",
