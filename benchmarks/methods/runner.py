@@ -380,7 +380,7 @@ def record(run: Run, base: dict, pruned: dict | None, tuned: dict, model, input_
         "device": "cuda" if cfg.trainer.accelerator == "gpu" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "code": code_version(),  # the commit this run was made at; the table names it
+        "code": code_version(),  # the commit the run finished at; the table names it
         "stages": {name: d.path.relative_to(run.out).as_posix() for name, d in run.dirs.items()},  # under --out
         "settings": run.settings,
     }
