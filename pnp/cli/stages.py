@@ -146,6 +146,8 @@ def make_trainer(cfg: DictConfig, stage: StageDir, epochs: int, monitor: str | N
     from pytorch_lightning.callbacks import ModelCheckpoint, OnExceptionCheckpoint
     from pytorch_lightning.loggers import TensorBoardLogger
 
+    from pnp.training.data import TrainOrderInCheckpoints
+
     _quiet_lightning()
     t = cfg.trainer
     devices = OmegaConf.to_container(t.devices) if OmegaConf.is_list(t.devices) else t.devices
@@ -155,6 +157,7 @@ def make_trainer(cfg: DictConfig, stage: StageDir, epochs: int, monitor: str | N
         ModelCheckpoint(dirpath=directory, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                         save_on_train_epoch_end=True, enable_version_counter=False),
         OnExceptionCheckpoint(dirpath=directory, filename=INTERRUPTED_CHECKPOINT.stem),
+        TrainOrderInCheckpoints(),  # a resumed stage trains on the batches a run never stopped would have
     ]
     if t.checkpoint_every_n_steps:  # long epochs: the same resume point, also every N steps
         callbacks.append(ModelCheckpoint(dirpath=directory, filename="last", monitor=None, save_top_k=1,
@@ -194,6 +197,8 @@ _EXPECTED_WARNINGS = (
     # a fresh stage with the interrupt checkpoint callback: Lightning looks for a "last" checkpoint to resume
     r"`\.fit\(ckpt_path=None\)` was called without a model",
     r"\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint available",
+    # a stage resumed mid-epoch: TrainOrderInCheckpoints puts the training order back where it stopped
+    r"You're resuming from a checkpoint that ended before the epoch ended",
 )
 
 

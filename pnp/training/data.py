@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 from torchvision import datasets, transforms
 
 DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagefolder")
@@ -190,6 +190,100 @@ class WithOutputs(Dataset):
         return [(item[0], item[1], self.outputs[i]) for item, i in zip(items, indices)]
 
 
+class ResumableShuffle(RandomSampler):
+    """``shuffle=True``'s order, drawn as RandomSampler draws it from a seeded generator, that a resumed run takes up.
+
+    Its loader shares ``generator`` (as ``DataLoader(shuffle=True, generator=...)`` does, drawing each
+    iterator's worker seed from it), so a run never stopped sees the batches it saw before. A checkpoint
+    keeps :meth:`position`; after :meth:`resume` the next epoch's order is the one a run never stopped
+    would have drawn: the next epoch's, or, stopped mid-epoch, that epoch's less the batches trained on.
+    """
+
+    def __init__(self, data_source, seed: int, seed_drawn_each_epoch: bool = True):
+        super().__init__(data_source, generator=torch.Generator().manual_seed(int(seed)))
+        # the loader draws a worker seed before each epoch's order, unless its workers persist (one draw in all)
+        self._seed_drawn_each_epoch = seed_drawn_each_epoch
+        self._epoch_start = self.generator.get_state()  # just before the current epoch's order was drawn
+        self._in_epoch = False  # an epoch's order is drawn and the epoch has not ended
+        self._batches_done = 0  # of the current epoch, trained on
+        self._pending: tuple[torch.Tensor, int, bool] | None = None  # (generator state, samples to leave out, new epoch)
+
+    def batch_done(self) -> None:
+        self._batches_done += 1
+
+    def epoch_ended(self) -> None:
+        self._in_epoch, self._batches_done = False, 0
+
+    def position(self) -> dict:
+        return {"epoch_start": self._epoch_start.clone(), "now": self.generator.get_state(),
+                "mid_epoch": self._in_epoch, "batches_done": self._batches_done}
+
+    def resume(self, position: dict, batch_size: int) -> None:
+        """Put back a :meth:`position`; it takes effect when the next epoch's order is drawn."""
+        if position["mid_epoch"]:
+            self._pending = (position["epoch_start"], position["batches_done"] * batch_size, False)
+            self._batches_done = position["batches_done"]
+        else:
+            self._pending = (position["now"], 0, True)
+
+    def __iter__(self):
+        skip = 0
+        if self._pending is not None:
+            state, skip, new_epoch = self._pending
+            self._pending = None
+            self.generator.set_state(state)
+            if new_epoch and self._seed_drawn_each_epoch:  # as the loader would have, before the order
+                torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        else:
+            self._batches_done = 0
+        self._epoch_start = self.generator.get_state()
+        self._in_epoch = True
+        order = super().__iter__()
+        for _ in range(skip):
+            next(order)
+        yield from order
+
+
+class TrainOrderInCheckpoints(pl.Callback):
+    """Keeps the training order's place in every checkpoint, and puts it back when a stage resumes from one."""
+
+    KEY = "pnp_train_order"
+
+    def __init__(self):
+        self._loaded: dict | None = None
+
+    # these run before the checkpoint callbacks' own hooks, which Lightning calls last
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (sampler := _resumable_shuffle(trainer)) is not None:
+            sampler.batch_done()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if (sampler := _resumable_shuffle(trainer)) is not None:
+            sampler.epoch_ended()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if (sampler := _resumable_shuffle(trainer)) is not None:
+            checkpoint[self.KEY] = sampler.position()
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # before the training loader is made (its workers may draw the first batches as soon as it is)
+        self._loaded = checkpoint.get(self.KEY)
+        if self._loaded is not None and hasattr(trainer.datamodule, "resume_train_order"):
+            trainer.datamodule.resume_train_order(self._loaded)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loaded, self._loaded = self._loaded, None
+        if loaded is not None and loaded["mid_epoch"] and _resumable_shuffle(trainer) is None and trainer.is_global_zero:
+            # DDP's sampler, which orders each epoch by itself
+            print("[pnp] resumed mid-epoch with a distributed sampler: the rest of that epoch takes its first "
+                  "batches again", flush=True)
+
+
+def _resumable_shuffle(trainer) -> ResumableShuffle | None:
+    sampler = getattr(trainer.train_dataloader, "sampler", None)
+    return sampler if isinstance(sampler, ResumableShuffle) else None
+
+
 # --------------------------------------------------------------------------- the data module
 
 
@@ -247,20 +341,31 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.val_dataset = Subset(train, self.val_indices)
         self.test_dataset = test
         self._train_plain = train
+        self._train_order: dict | None = None  # where a resumed fit's training order takes up (resume_train_order)
 
     def _loader(self, dataset, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         batch_size = batch_size or self.batch_size
         # a lone last training sample would break BatchNorm on 1x1 feature maps
         drop_last = shuffle and len(dataset) % batch_size == 1
+        sampler = None
+        if shuffle:
+            sampler = ResumableShuffle(dataset, self.seed, seed_drawn_each_epoch=self.num_workers == 0)
+            if self._train_order is not None:
+                sampler.resume(self._train_order, batch_size)
+                self._train_order = None
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            generator=torch.Generator().manual_seed(int(self.seed)) if shuffle else None,
+            generator=sampler.generator if sampler is not None else None,
         )
+
+    def resume_train_order(self, position: dict) -> None:
+        """The next training loader takes up its shuffled order at ``position`` (``ResumableShuffle.position``)."""
+        self._train_order = position
 
     def train_dataloader(self) -> DataLoader:
         if self._train_outputs is not None:
