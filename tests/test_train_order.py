@@ -15,12 +15,13 @@ from pnp.training.runs import INTERRUPTED_CHECKPOINT
 from test_pipeline import compose_config, quick_overrides, write_fashion_mnist
 
 
-def _config(tmp_path, limit_train_batches=3, workers=0):
+def _config(tmp_path, limit_train_batches=3, workers=0, every_n_steps=0):
     root = write_fashion_mnist(tmp_path / "fashion", n_train=300, n_test=50)
     # 200 training images in batches of 50: 4 batches an epoch, or the first 3 of an epoch's order
     overrides = quick_overrides(root, tmp_path / "out") + ["train.epochs=3",
                                                           f"trainer.limit_train_batches={limit_train_batches}",
-                                                          f"data.num_workers={workers}"]
+                                                          f"data.num_workers={workers}",
+                                                          f"trainer.checkpoint_every_n_steps={every_n_steps}"]
     cfg = compose_config("pipeline", overrides)
     return cfg, stages.build_data(cfg)
 
@@ -81,19 +82,21 @@ def _train(cfg, data, path, stop_at: int | None = None, monkeypatch=None) -> dic
     return load_file(str(path / "model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("limit, stop_at, from_last_epoch, workers", [
-    (3, 4, False, 0), (3, 3, False, 0), (3, 4, True, 0), (1.0, 5, False, 0), (1.0, 5, True, 0), (3, 4, True, 1),
+@pytest.mark.parametrize("limit, stop_at, from_last_epoch, workers, every_n_steps", [
+    (3, 4, False, 0, 0), (3, 3, False, 0, 0), (3, 4, True, 0, 0), (1.0, 5, False, 0, 0), (1.0, 5, True, 0, 0),
+    (3, 4, True, 1, 0), (3, 5, True, 0, 2),
 ], ids=["mid-epoch", "as-an-epoch-begins", "from-the-last-epochs-checkpoint", "whole-epochs-mid-epoch",
-        "whole-epochs-from-the-last-epochs-checkpoint", "worker-from-the-last-epochs-checkpoint"])
+        "whole-epochs-from-the-last-epochs-checkpoint", "worker-from-the-last-epochs-checkpoint",
+        "from-a-checkpoint-every-2-steps"])
 def test_a_resumed_stage_ends_with_the_weights_of_one_never_stopped(tmp_path, monkeypatch, limit, stop_at,
-                                                                    from_last_epoch, workers):
+                                                                    from_last_epoch, workers, every_n_steps):
     """Stopped at a step of the second epoch, then run again: the same model as a run never stopped.
 
     From the checkpoint the interruption wrote, or (a kill, which writes none) from the one the last
-    finished epoch wrote; with epochs cut short by ``limit_train_batches`` or whole, loading in the
-    process or in a persistent worker.
+    finished epoch (or, with ``checkpoint_every_n_steps``, the last N steps) wrote; with epochs cut short
+    by ``limit_train_batches`` or whole, loading in the process or in a persistent worker.
     """
-    cfg, data = _config(tmp_path, limit, workers)
+    cfg, data = _config(tmp_path, limit, workers, every_n_steps)
     never_stopped = _train(cfg, data, tmp_path / "whole")
     _train(cfg, data, tmp_path / "stopped", stop_at=stop_at, monkeypatch=monkeypatch)
     if from_last_epoch:
