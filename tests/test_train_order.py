@@ -6,6 +6,7 @@ import itertools
 import signal
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -44,42 +45,41 @@ def test_training_batches_come_in_the_order_shuffle_true_gives(data):
         assert all(torch.equal(g[0], w[0]) and torch.equal(g[1], w[1]) for g, w in zip(got, want))
 
 
-class _StopAt:
-    """A Lightning callback that interrupts training as Ctrl-C does when ``global_step`` reaches ``step``."""
+class _StopAt(pl.Callback):
+    """Interrupts training as Ctrl-C does when ``global_step`` reaches ``step``."""
 
     def __init__(self, step: int):
-        import pytorch_lightning as pl
+        self.step = step
 
-        class Stop(pl.Callback):
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if trainer.global_step == step:
-                    raise KeyboardInterrupt
-
-        self.callback = Stop()
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
 
 
-def _train(cfg, data, path, stop_at: int | None = None, monkeypatch=None) -> dict[str, torch.Tensor]:
+def _train(cfg, data, path) -> dict[str, torch.Tensor]:
     stage = stages.stage_dir(path, "train", {"case": "train order"}, data)
-    if stop_at is not None:
-        make_trainer = stages.make_trainer
-
-        def stopping(*args, **kwargs):
-            trainer = make_trainer(*args, **kwargs)
-            trainer.callbacks.append(_StopAt(stop_at).callback)
-            return trainer
-
-        monkeypatch.setattr(stages, "make_trainer", stopping)
-        previous = signal.getsignal(signal.SIGINT)
-        try:
-            with pytest.raises(SystemExit):  # Lightning's end of an interrupted fit
-                stages.train(cfg, data, stage, stage.check())
-        finally:
-            signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT while it shuts down
-            monkeypatch.undo()
-        assert stage.check() == "resume" and stage.last_checkpoint is not None
-        return {}
     stages.train(cfg, data, stage, stage.check())
     return load_file(str(path / "model" / "model.safetensors"))
+
+
+def _train_until_stopped(cfg, data, path, step: int, monkeypatch) -> None:
+    stage = stages.stage_dir(path, "train", {"case": "train order"}, data)
+    make_trainer = stages.make_trainer
+
+    def stopping(*args, **kwargs):
+        trainer = make_trainer(*args, **kwargs)
+        trainer.callbacks.append(_StopAt(step))
+        return trainer
+
+    monkeypatch.setattr(stages, "make_trainer", stopping)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):  # Lightning's end of an interrupted fit
+            stages.train(cfg, data, stage, stage.check())
+    finally:
+        signal.signal(signal.SIGINT, previous)  # Lightning ignores SIGINT while it shuts down
+        monkeypatch.undo()
+    assert stage.check() == "resume"
 
 
 @pytest.mark.parametrize("limit, stop_at, from_last_epoch, workers, every_n_steps", [
@@ -98,7 +98,7 @@ def test_a_resumed_stage_ends_with_the_weights_of_one_never_stopped(tmp_path, mo
     """
     cfg, data = _config(tmp_path, limit, workers, every_n_steps)
     never_stopped = _train(cfg, data, tmp_path / "whole")
-    _train(cfg, data, tmp_path / "stopped", stop_at=stop_at, monkeypatch=monkeypatch)
+    _train_until_stopped(cfg, data, tmp_path / "stopped", stop_at, monkeypatch)
     if from_last_epoch:
         (tmp_path / "stopped" / INTERRUPTED_CHECKPOINT).unlink()
     resumed = _train(cfg, data, tmp_path / "stopped")
