@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pnp
 from pnp.core.readout import reselect_keep
+from pnp.core.surgery import apply_surgery
 from pnp.core.criteria import CriterionNotApplicableError
 from pnp.training.inherit import (
     candidate_keeps, check_inherit, choose_inheritance, lookahead_accuracy, rival_widths, select_inheritance,
@@ -100,6 +103,41 @@ def test_lookahead_chooses_the_channels_that_fine_tune_better(setup):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the target was changed"
     again = choose_inheritance(model, groups, keep, example, ["learned", "l1"], train_loader, held_out, steps=40, lr=0.1)
     assert again.scores == chosen.scores  # same batches, same seed: the same comparison
+
+
+def test_distilled_lookahead_runs_the_teacher_once_for_all_candidates(setup):
+    """Every candidate trains on the same batches, so the teacher's logits of the first serve the others:
+    the scores are those of candidates distilled one by one, and a loader that changes its batches is refused."""
+    model, example, groups, keep, train_loader, held_out = setup
+    rival = {"conv": torch.tensor([False] * 5 + [True] * 3)}
+    keeps, _ = candidate_keeps(model, groups, keep, ["learned", "l1"])
+    alone = {}
+    for name, k in {**keeps, "widths:l1": rival}.items():
+        pruned = apply_surgery(copy.deepcopy(model), groups, k, example, verify=False)
+        alone[name] = lookahead_accuracy(pruned, train_loader(), held_out, steps=20, lr=0.1, teacher=model, kd_weight=1.0)
+
+    # the hook is copied into the teacher and the candidates; uncut, only the teacher (and surgery's tracing) runs
+    full_width, runs = model.conv.out_channels, []
+    hook = model.register_forward_hook(lambda m, *_: runs.append(1) if m.conv.out_channels == full_width else None)
+    counts = {}
+    try:
+        for kd_weight in (0.0, 1.0):
+            runs.clear()
+            chosen = choose_inheritance(model, groups, keep, example, ["learned", "l1"], train_loader, held_out,
+                                        steps=20, lr=0.1, kd_weight=kd_weight, rivals={"widths:l1": rival})
+            counts[kd_weight] = len(runs)
+    finally:
+        hook.remove()
+    assert chosen.scores == alone
+    assert counts[1.0] - counts[0.0] == 20  # the teacher once a step, not once a step and candidate
+
+    kept: list = []
+    lookahead_accuracy(copy.deepcopy(model), train_loader(), held_out, steps=3, teacher=model, kd_weight=1.0,
+                       teacher_outputs=kept)
+    other_batches = DataLoader(TensorDataset(*brightness_data(96, seed=7).tensors), batch_size=32)
+    with pytest.raises(RuntimeError, match="look-ahead step 0 got other batches"):
+        lookahead_accuracy(copy.deepcopy(model), other_batches, held_out, steps=3, teacher=model, kd_weight=1.0,
+                           teacher_outputs=kept)
 
 
 def test_a_criterions_own_widths_compete_with_the_learned_widths(setup):

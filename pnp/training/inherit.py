@@ -202,12 +202,15 @@ def lookahead_accuracy(
     seed: int = 0,
     teacher: nn.Module | None = None,
     kd_weight: float = 0.0,
+    teacher_outputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
     """Fine-tune ``model`` in place for ``steps`` SGD steps on ``train_loader``; its accuracy on ``eval_loader``, %.
 
     The learning rate falls from ``lr`` to 0 on a cosine, as in a full fine-tuning. With
     ``kd_weight > 0`` the loss adds ``kd_weight`` times the distillation loss from ``teacher``
-    (in eval mode, unchanged), as a distilled fine-tuning does.
+    (in eval mode, unchanged), as a distilled fine-tuning does. ``teacher_outputs``, a list
+    shared by calls on the same batches, keeps the teacher's logits of each step (with the
+    step's labels, checked), so that only the first call runs the teacher.
     """
     if int(steps) < 1:
         raise ValueError(f"inherit.steps {steps} must be >= 1")
@@ -232,8 +235,7 @@ def lookahead_accuracy(
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             if distil:
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
+                teacher_logits = _teacher_logits(teacher, x, y, step, teacher_outputs)
                 loss = loss + float(kd_weight) * kd_loss(logits, teacher_logits)
             loss.backward()
             optimizer.step()
@@ -244,6 +246,21 @@ def lookahead_accuracy(
         if not progressed:
             raise ValueError("the training loader gave no batches; cannot fine-tune the candidates")
     return evaluate_accuracy(model, eval_loader, device)
+
+
+def _teacher_logits(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int,
+                    kept: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+    if kept is not None and step < len(kept):
+        labels, logits = kept[step]
+        if not torch.equal(labels, y):
+            raise RuntimeError(f"look-ahead step {step} got other batches than the first candidate's; "
+                               "the training loader must give the same batches on every call")
+        return logits
+    with torch.no_grad():
+        logits = teacher(x)
+    if kept is not None:
+        kept.append((y, logits))
+    return logits
 
 
 def choose_inheritance(
@@ -277,10 +294,11 @@ def choose_inheritance(
     keeps, skipped = candidate_keeps(target, groups, keep, candidates, gradient_batches)
     keeps.update({name: dict(k) for name, k in (rivals or {}).items()})
     teacher = copy.deepcopy(target).eval() if kd_weight > 0 else None
+    teacher_outputs: list = []  # every candidate trains on the same batches: the teacher runs once
 
     def score(name: str, k: Mapping[str, torch.Tensor]) -> float:
         pruned = apply_surgery(copy.deepcopy(target), groups, k, example_inputs, verify=False)
         return lookahead_accuracy(pruned, train_loader_fn(), eval_loader, steps, lr, momentum, weight_decay, device, seed,
-                                  teacher=teacher, kd_weight=kd_weight)
+                                  teacher=teacher, kd_weight=kd_weight, teacher_outputs=teacher_outputs)
 
     return select_inheritance(keeps, score, skipped, steps=int(steps))
