@@ -273,6 +273,8 @@ class TrainOrderInCheckpoints(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         loaded, self._loaded = self._loaded, None
+        if hasattr(trainer.datamodule, "resume_train_order"):  # taken by this fit's loader, or by none
+            trainer.datamodule.resume_train_order(None)
         if loaded is not None and loaded["mid_epoch"] and _resumable_shuffle(trainer) is None and trainer.is_global_zero:
             # DDP's sampler, which orders each epoch by itself
             print("[pnp] resumed mid-epoch with a distributed sampler: the rest of that epoch takes its first "
@@ -363,8 +365,9 @@ class ClassificationDataModule(pl.LightningDataModule):
             generator=sampler.generator if sampler is not None else None,
         )
 
-    def resume_train_order(self, position: dict) -> None:
-        """The next training loader takes up its shuffled order at ``position`` (``ResumableShuffle.position``)."""
+    def resume_train_order(self, position: dict | None) -> None:
+        """The next training loader takes up its shuffled order at ``position`` (``ResumableShuffle.position``);
+        None: from its seed."""
         self._train_order = position
 
     def train_dataloader(self) -> DataLoader:
