@@ -236,14 +236,11 @@ def test_bad_choice_or_candidate_is_named(choice, candidates, message):
 
 
 def test_lookahead_benchmark_times_both_ways_and_finds_the_same_scores(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_lookahead.py"
-    spec = importlib.util.spec_from_file_location("bench_lookahead", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from test_criteria import _bench_module
+
+    bench = _bench_module("bench_lookahead")
     out = tmp_path / "lookahead.json"
     result = bench.main(["--model", "lenet5", "--steps", "2", "--batch-size", "16", "--repeats", "2", "--out", str(out)])
     assert result["scores_equal"] is True and len(result["seconds"]["teacher_once"]) == 2

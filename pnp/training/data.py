@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import math
 import pickle
 import struct
@@ -238,10 +239,7 @@ class ResumableShuffle(RandomSampler):
             self._batches_done = 0
         self._epoch_start = self.generator.get_state()
         self._in_epoch = True
-        order = super().__iter__()
-        for _ in range(skip):
-            next(order)
-        yield from order
+        yield from itertools.islice(super().__iter__(), skip, None)
 
 
 class TrainOrderInCheckpoints(pl.Callback):
