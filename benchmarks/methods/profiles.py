@@ -87,8 +87,8 @@ PROFILES: dict[str, Profile] = {
     # Fine-tuning distils from the baseline (the recipe's finetune.kd_weight=1.0), every method and
     # the control alike; --set finetune.kd_weight=0 turns it off for all. Run it in parts, one
     # process at a time: --models X --seeds S. Measured on one thread, pnp, magnitude and Taylor at 70 and 90%: about
-    # 17 core-minutes a seed for ResNet-20 and 55 for ResNet-56; MobileNetV2, estimated from single
-    # training steps, about 10x ResNet-20 (its depthwise convolutions train slowly on a CPU).
+    # 17 core-minutes a seed for ResNet-20, 55 for ResNet-56 and 80 for MobileNetV2 (its depthwise
+    # convolutions train slowly on a CPU).
     "standard": Profile(
         entries=(
             Entry("lenet5", overrides=("train.epochs=8", "finetune.epochs=15")),
