@@ -24,20 +24,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from pnp.core.builders import build_model, registered_builders
 from pnp.core.groups import find_channel_groups, keep_from_ratio
 from pnp.core.io import write_text_atomic
 from pnp.core.surgery import apply_surgery
-from pnp.models import lenet5, mobilenetv2, resnet20, resnet56
 from pnp.training.inherit import candidate_keeps, choose_inheritance, lookahead_accuracy
 from pnp.training.runs import script_main
 
-MODELS = {"lenet5": lenet5, "resnet20": resnet20, "resnet56": resnet56, "mobilenetv2": mobilenetv2}
+MODELS = [builder.removeprefix("pnp:") for builder in registered_builders()]  # pnp's own models
 CANDIDATES = ["learned", "magnitude", "l1"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="mobilenetv2")
+    parser.add_argument("--model", choices=MODELS, default="mobilenetv2")
     parser.add_argument("--keep", type=float, default=0.3, help="fraction of each group's channels kept")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = MODELS[args.model]().eval()
+    model = build_model(f"pnp:{args.model}").eval()
     example = torch.randn(2, 1, 28, 28)
     groups = find_channel_groups(model, example)
     keep = keep_from_ratio(groups, args.keep)
