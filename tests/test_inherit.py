@@ -247,3 +247,47 @@ def test_lookahead_benchmark_times_both_ways_and_finds_the_same_scores(tmp_path)
     assert json.loads(out.read_text())["ratio"] == pytest.approx(result["ratio"])
     with pytest.raises(SystemExit, match=r"--keep 1.5 is outside \(0, 1\]"):
         bench.main(["--keep", "1.5", "--out", str(out)])
+
+
+class ShortcutCNN(nn.Module):
+    """A pruned ResNet's shortcut: a strided 1x1 convolution over 4 input channels (oneDNN issue #6035)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.shortcut = nn.Conv2d(4, 8, 1, stride=2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.shortcut(torch.relu(self.conv(x))))), 1))
+
+
+def test_lookahead_trains_channels_last_as_fine_tuning_does_and_gives_the_models_back_as_they_were(setup):
+    """The look-ahead runs in the memory format fine-tuning runs in (twice as fast for MobileNetV2 on a CPU):
+    the candidates score as in the usual layout, the student and teacher come back in the usual layout,
+    and a model whose channels-last weight gradient oneDNN gets wrong trains in the usual layout."""
+    from pnp.training.layout import training_layout
+
+    model, example, groups, keep, train_loader, held_out = setup
+    seen = []
+    student = copy.deepcopy(model)
+    hook = student.pool.register_forward_pre_hook(  # the convolution's output: its layout follows the weights'
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)
+                                    and not args[0].is_contiguous()))
+    scores = {}
+    for channels_last in (False, True):
+        seen.clear()
+        pruned = copy.deepcopy(student)
+        teacher = copy.deepcopy(model)
+        scores[channels_last] = lookahead_accuracy(pruned, train_loader(), held_out, steps=20, lr=0.1, teacher=teacher,
+                                                   kd_weight=1.0, channels_last=channels_last)
+        assert set(seen) == {channels_last}  # every batch, training and evaluation, in the asked layout
+        for m in (pruned, teacher):
+            assert all(p.is_contiguous() for p in m.parameters())
+    hook.remove()
+    assert scores[True] == pytest.approx(scores[False], abs=1.0)  # 200 held-out images: at most 2 flip on rounding
+
+    assert training_layout(model, True) == torch.channels_last
+    assert training_layout(model, False) == torch.contiguous_format
+    assert training_layout(ShortcutCNN(), True) == torch.contiguous_format

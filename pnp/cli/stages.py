@@ -616,6 +616,7 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
             target, groups, keep, data.example_inputs, list(c.candidates), dm.train_dataloader, eval_loader,
             steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,
             rivals={name: k for name, (k, _) in rivals.items()}, kd_weight=float(c.kd_weight),
+            channels_last=bool(cfg.trainer.channels_last),
         )
         record = {**found.to_dict(), "evaluated_on": evaluated_on}
         record["skipped"].update(unusable)

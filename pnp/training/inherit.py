@@ -36,6 +36,7 @@ from pnp.core.groups import ChannelGroups
 from pnp.core.losses import kd_loss
 from pnp.core.readout import reselect_keep
 from pnp.core.surgery import apply_surgery
+from pnp.training.layout import CHANNELS_LAST, in_layout, training_layout
 from pnp.training.report import evaluate_accuracy
 
 LEARNED = "learned"
@@ -203,6 +204,7 @@ def lookahead_accuracy(
     teacher: nn.Module | None = None,
     kd_weight: float = 0.0,
     teacher_outputs: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    channels_last: bool = CHANNELS_LAST,
 ) -> float:
     """Fine-tune ``model`` in place for ``steps`` SGD steps on ``train_loader``; its accuracy on ``eval_loader``, %.
 
@@ -210,7 +212,10 @@ def lookahead_accuracy(
     ``kd_weight > 0`` the loss adds ``kd_weight`` times the distillation loss from ``teacher``
     (in eval mode, unchanged), as a distilled fine-tuning does. ``teacher_outputs``, a list
     shared by calls on the same batches, keeps the teacher's logits of each step (with the
-    step's labels, checked), so that only the first call runs the teacher.
+    step's labels, checked), so that only the first call runs the teacher. ``channels_last``
+    runs it in that memory format as the fine-tuning does (:mod:`pnp.training.layout`: on a
+    CPU a MobileNetV2 step is about x2 faster); ``model`` and ``teacher`` are given back in
+    the usual layout.
     """
     if int(steps) < 1:
         raise ValueError(f"inherit.steps {steps} must be >= 1")
@@ -219,33 +224,42 @@ def lookahead_accuracy(
     if float(kd_weight) > 0 and teacher is None:
         raise ValueError(f"inherit.kd_weight {kd_weight} > 0 needs a teacher")
     distil = float(kd_weight) > 0
+    # the teacher only runs forward, which every layout computes right; the student trains in
+    # the usual layout where oneDNN's channels-last weight gradient is wrong for one of its layers
+    teacher_layout = torch.channels_last if channels_last else torch.contiguous_format
+    layout = training_layout(model, channels_last)
     if distil:
-        teacher.to(device).eval()
+        teacher.to(device, memory_format=teacher_layout).eval()
     torch.manual_seed(int(seed))
-    model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    step = 0
-    while step < steps:
-        progressed = False
-        for batch in train_loader:
-            x, y = batch[0].to(device), batch[1].to(device)
-            for g in optimizer.param_groups:
-                g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if distil:
-                teacher_logits = _teacher_logits(teacher, x, y, step, teacher_outputs)
-                loss = loss + float(kd_weight) * kd_loss(logits, teacher_logits)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            progressed = True
-            if step >= steps:
-                break
-        if not progressed:
-            raise ValueError("the training loader gave no batches; cannot fine-tune the candidates")
-    return evaluate_accuracy(model, eval_loader, device)
+    model.to(device, memory_format=layout).train()
+    try:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        step = 0
+        while step < steps:
+            progressed = False
+            for batch in train_loader:
+                x, y = batch[0].to(device), batch[1].to(device)
+                for g in optimizer.param_groups:
+                    g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(in_layout(x, layout))
+                loss = F.cross_entropy(logits, y)
+                if distil:
+                    teacher_logits = _teacher_logits(teacher, in_layout(x, teacher_layout), y, step, teacher_outputs)
+                    loss = loss + float(kd_weight) * kd_loss(logits, teacher_logits)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                progressed = True
+                if step >= steps:
+                    break
+            if not progressed:
+                raise ValueError("the training loader gave no batches; cannot fine-tune the candidates")
+        return evaluate_accuracy(model, eval_loader, device, layout=layout)
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+        if distil:
+            teacher.to(memory_format=torch.contiguous_format)
 
 
 def _teacher_logits(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int,
@@ -280,6 +294,7 @@ def choose_inheritance(
     gradient_batches: Iterable | None = None,
     rivals: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     kd_weight: float = 0.0,
+    channels_last: bool = CHANNELS_LAST,
 ) -> Inheritance:
     """Cut ``target`` once per candidate, fine-tune each briefly, take the best held-out accuracy.
 
@@ -288,7 +303,8 @@ def choose_inheritance(
     candidate. ``rivals`` are keep decisions with widths of their own (named
     ``widths:CRITERION``, a criterion's own read-out), tried after the candidates
     at the learned widths. With ``kd_weight > 0`` each candidate is distilled from
-    ``target`` while it fine-tunes. ``target`` is not changed.
+    ``target`` while it fine-tunes. ``channels_last``: the memory format the look-ahead
+    trains in (see :func:`lookahead_accuracy`). ``target`` is not changed.
     """
     check_inherit(AUTO, candidates)
     keeps, skipped = candidate_keeps(target, groups, keep, candidates, gradient_batches)
@@ -299,6 +315,7 @@ def choose_inheritance(
     def score(name: str, k: Mapping[str, torch.Tensor]) -> float:
         pruned = apply_surgery(copy.deepcopy(target), groups, k, example_inputs, verify=False)
         return lookahead_accuracy(pruned, train_loader_fn(), eval_loader, steps, lr, momentum, weight_decay, device, seed,
-                                  teacher=teacher, kd_weight=kd_weight, teacher_outputs=teacher_outputs)
+                                  teacher=teacher, kd_weight=kd_weight, teacher_outputs=teacher_outputs,
+                                  channels_last=channels_last)
 
     return select_inheritance(keeps, score, skipped, steps=int(steps))

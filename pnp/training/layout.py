@@ -36,6 +36,16 @@ def channels_last_hazard(model: nn.Module) -> str | None:
     return None
 
 
+def training_layout(model: nn.Module, channels_last: bool = CHANNELS_LAST) -> torch.memory_format:
+    """The memory format ``model`` trains in: channels-last when asked and safe for it (:func:`channels_last_hazard`)."""
+    return torch.channels_last if channels_last and channels_last_hazard(model) is None else torch.contiguous_format
+
+
+def in_layout(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+    """``x`` in ``layout`` if it is a 4-D image batch; other tensors as they are."""
+    return x.contiguous(memory_format=layout) if x.dim() == 4 else x
+
+
 def channels_last_batch(batch):
     """``batch`` with every 4-D tensor in channels-last memory format (others as they are)."""
     return apply_to_collection(

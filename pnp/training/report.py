@@ -16,14 +16,20 @@ STAGES = (("baseline", "baseline"), ("pruned", "pruned"), ("finetuned", "fine-tu
 
 
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, loader, device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy of ``model`` on ``loader`` (batches of ``(inputs, labels, ...)``), in percent."""
+def evaluate_accuracy(model: nn.Module, loader, device: str | torch.device = "cpu",
+                      layout: torch.memory_format = torch.contiguous_format) -> float:
+    """Top-1 accuracy of ``model`` on ``loader`` (batches of ``(inputs, labels, ...)``), in percent.
+
+    ``layout``: the memory format image batches are given in (the one ``model``'s weights are in).
+    """
     was_training = model.training
     model.eval()
     correct = total = 0
     try:
         for batch in loader:
             x, y = batch[0].to(device), batch[1].to(device)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=layout)
             correct += int((model(x).argmax(-1) == y).sum())
             total += int(y.numel())
     finally:
