@@ -207,7 +207,7 @@ def test_precomputed_teacher_outputs_train_as_the_live_teacher_does(tmp_path):
         pl.seed_everything(0)
         model = small_net_for(28)
         module = ClassifierModule(model, lr=0.05, epochs=2, teacher=teacher, kd_weight=1.0, channels_last=False)
-        outputs = fixed_teacher_outputs(teacher, dm) if cached else None
+        outputs = fixed_teacher_outputs(teacher, dm, channels_last=False) if cached else None
         calls.clear()
         if cached:
             with dm.train_outputs(outputs):
@@ -221,6 +221,10 @@ def test_precomputed_teacher_outputs_train_as_the_live_teacher_does(tmp_path):
     assert live_calls == 2 * 5 and cached_calls == 0  # 80 images, batches of 16, two epochs
     for a, b in zip(live.state_dict().values(), cached.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # the pass runs channels-last as the training that follows does: the same outputs, the teacher given back as it was
+    torch.testing.assert_close(fixed_teacher_outputs(teacher, dm, channels_last=True),
+                               fixed_teacher_outputs(teacher, dm, channels_last=False), rtol=1e-4, atol=1e-5)
+    assert all(p.is_contiguous() for p in teacher.parameters()) and not teacher.training
 
 
 def small_net_for(side):

@@ -747,7 +747,7 @@ def finetune(
     module = _classifier(cfg, cfg.finetune, pruned, teacher=teacher if cfg.finetune.kd_weight > 0 else None)
     trainer = make_trainer(cfg, stage, cfg.finetune.epochs, _monitor(data))
     # without augmentation the frozen teacher's logits are the same every epoch: computed once
-    outputs = fixed_teacher_outputs(module.teacher, data.module) if module.uses_teacher else None
+    outputs = fixed_teacher_outputs(module.teacher, data.module, module.channels_last) if module.uses_teacher else None
     with data.module.train_outputs(outputs) if outputs is not None else contextlib.nullcontext():
         fit(trainer, module, data, stage, resume=state == "resume")
     model = module.model.to("cpu").eval()

