@@ -95,8 +95,11 @@ PROFILES: dict[str, Profile] = {
             Entry("resnet20", overrides=RESNET20_STANDARD),
             # the deeper two warm up over the first epoch: ResNet-56's first baseline at lr 0.1 without it
             # diverged in its first epoch (validation loss 1.1e6) and ended at 80.15% against ResNet-20's ~90%
-            *(Entry(model, overrides=(*RESNET20_STANDARD, "train.warmup_epochs=1"))
-              for model in ("resnet56", "mobilenetv2")),
+            Entry("resnet56", overrides=(*RESNET20_STANDARD, "train.warmup_epochs=1")),
+            # MobileNetV2's pruner trains its one epoch (79 steps), not the recipe's 120 steps: as accurate
+            # on seeds 2-4 at 70 and 90% (+0.04 points), and with it pnp's total is within 1.5x the criteria's
+            # (benchmarks/results/methods/mobilenetv2-pruner-one-epoch/)
+            Entry("mobilenetv2", overrides=(*RESNET20_STANDARD, "train.warmup_epochs=1", "pruner.min_steps=0")),
         ),
         methods=("pnp", "pnp_learned", "pnp_widths", "magnitude", "taylor", "control"),
         seeds=(0, 1, 2, 3, 4),
