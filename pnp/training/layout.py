@@ -50,10 +50,7 @@ def in_layout(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
 
 def channels_last_batch(batch):
     """``batch`` with every 4-D tensor in channels-last memory format (others as they are)."""
-    return apply_to_collection(
-        batch, torch.Tensor,
-        lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t,
-    )
+    return apply_to_collection(batch, torch.Tensor, lambda t: in_layout(t, torch.channels_last))
 
 
 class ChannelsLastModule(pl.LightningModule):

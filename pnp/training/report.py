@@ -28,7 +28,7 @@ def evaluate_accuracy(model: nn.Module, loader, device: str | torch.device = "cp
     try:
         for batch in loader:
             x, y = batch[0].to(device), batch[1].to(device)
-            if x.dim() == 4:
+            if x.dim() == 4:  # as pnp.training.layout.in_layout, without importing Lightning here
                 x = x.contiguous(memory_format=layout)
             correct += int((model(x).argmax(-1) == y).sum())
             total += int(y.numel())
