@@ -591,6 +591,7 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
     """
     from pnp.core.criteria import rank_channels
     from pnp.training.inherit import LEARNED, Inheritance, candidate_keeps, choose_inheritance, rival_widths
+    from pnp.training.layout import CHANNELS_LAST
 
     c = cfg.inherit
     if c.choice == LEARNED:
@@ -616,7 +617,8 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
             target, groups, keep, data.example_inputs, list(c.candidates), dm.train_dataloader, eval_loader,
             steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,
             rivals={name: k for name, (k, _) in rivals.items()}, kd_weight=float(c.kd_weight),
-            channels_last=bool(cfg.trainer.channels_last),
+            # pnp-prune has no trainer section: the look-ahead then trains in the trainer's default layout
+            channels_last=bool(cfg.trainer.channels_last) if "trainer" in cfg else CHANNELS_LAST,
         )
         record = {**found.to_dict(), "evaluated_on": evaluated_on}
         record["skipped"].update(unusable)
