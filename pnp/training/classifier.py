@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pnp.core.losses import kd_loss
-from pnp.training.layout import CHANNELS_LAST, ChannelsLastModule, in_layout
+from pnp.training.layout import CHANNELS_LAST, ChannelsLastModule, forward_layout, in_layout
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -204,7 +204,7 @@ def fixed_teacher_outputs(teacher: nn.Module, datamodule, channels_last: bool = 
     if datamodule.augments or count * datamodule.num_classes * 4 > TEACHER_OUTPUTS_MAX_BYTES:
         return None
     was_training = teacher.training
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    layout = forward_layout(channels_last)
     teacher.eval().to(memory_format=layout)
     device = next(teacher.parameters()).device
     outputs = []

@@ -36,7 +36,7 @@ from pnp.core.groups import ChannelGroups
 from pnp.core.losses import kd_loss
 from pnp.core.readout import reselect_keep
 from pnp.core.surgery import apply_surgery
-from pnp.training.layout import CHANNELS_LAST, in_layout, training_layout
+from pnp.training.layout import CHANNELS_LAST, forward_layout, in_layout, training_layout
 from pnp.training.report import evaluate_accuracy
 
 LEARNED = "learned"
@@ -224,9 +224,9 @@ def lookahead_accuracy(
     if float(kd_weight) > 0 and teacher is None:
         raise ValueError(f"inherit.kd_weight {kd_weight} > 0 needs a teacher")
     distil = float(kd_weight) > 0
-    # the teacher only runs forward, which every layout computes right; the student trains in
-    # the usual layout where oneDNN's channels-last weight gradient is wrong for one of its layers
-    teacher_layout = torch.channels_last if channels_last else torch.contiguous_format
+    # the student trains in the usual layout where oneDNN's channels-last weight gradient is wrong
+    # for one of its layers; the teacher only runs forward
+    teacher_layout = forward_layout(channels_last)
     layout = training_layout(model, channels_last)
     if distil:
         teacher.to(device, memory_format=teacher_layout).eval()

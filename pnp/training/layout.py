@@ -38,9 +38,14 @@ def channels_last_hazard(model: nn.Module) -> str | None:
     return None
 
 
+def forward_layout(channels_last: bool = CHANNELS_LAST) -> torch.memory_format:
+    """The memory format a model only run forward is given: every layout computes a forward pass right."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def training_layout(model: nn.Module, channels_last: bool = CHANNELS_LAST) -> torch.memory_format:
     """The memory format ``model`` trains in: channels-last when asked and safe for it (:func:`channels_last_hazard`)."""
-    return torch.channels_last if channels_last and channels_last_hazard(model) is None else torch.contiguous_format
+    return forward_layout(channels_last and channels_last_hazard(model) is None)
 
 
 def in_layout(x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
