@@ -618,7 +618,7 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
             steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,
             rivals={name: k for name, (k, _) in rivals.items()}, kd_weight=float(c.kd_weight),
             # pnp-prune has no trainer section: the look-ahead then trains in the trainer's default layout
-            channels_last=bool(cfg.trainer.channels_last) if "trainer" in cfg else CHANNELS_LAST,
+            channels_last=bool(OmegaConf.select(cfg, "trainer.channels_last", default=CHANNELS_LAST)),
         )
         record = {**found.to_dict(), "evaluated_on": evaluated_on}
         record["skipped"].update(unusable)
