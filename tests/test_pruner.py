@@ -5,7 +5,6 @@ import torch
 import torch.nn as nn
 
 import pnp
-from pnp.models import LeNet5
 
 
 def small_cnn(num_classes=5):
@@ -203,37 +202,3 @@ def test_remeasured_norm_statistics_are_the_cut_models_own(setup, randomize_norm
     with torch.no_grad():
         torch.testing.assert_close(cut(batches[0]), cut.eval()(batches[0]))
     assert remeasure_norm_statistics(nn.Sequential(nn.Linear(3, 2)), iter(batches)) == 0  # nothing to measure
-
-
-def test_annealed_noise_holds_then_falls_linearly_to_zero_over_the_last_share_of_steps():
-    """pruner.noise_anneal: the pruner ends training the deterministic decisions the read-out takes."""
-    from pnp.training.pruner_module import PrunerModule
-
-    model = LeNet5(in_channels=1, num_classes=10).eval()
-    groups = pnp.find_channel_groups(model, torch.randn(2, 1, 28, 28))
-    module = PrunerModule(model, groups, budget=0.5, mask_mode="batch", noise=1.0, noise_anneal=0.5)
-    assert [module.noise_at(s, 100) for s in (0, 49, 50, 75, 99)] == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.02])
-    steady = PrunerModule(model, groups, budget=0.5, mask_mode="batch", noise=1.0)
-    assert steady.noise_at(99, 100) == 1.0  # the default keeps the noise to the end
-    with pytest.raises(ValueError, match="noise_anneal 1.5"):
-        PrunerModule(model, groups, noise=1.0, noise_anneal=1.5)
-
-
-def test_a_pruner_trained_with_annealed_noise_ends_its_last_step_almost_without_noise():
-    import pytorch_lightning as pl
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from pnp.training.pruner_module import PrunerModule
-
-    torch.manual_seed(0)
-    model = LeNet5(in_channels=1, num_classes=10).eval()
-    groups = pnp.find_channel_groups(model, torch.randn(2, 1, 28, 28))
-    module = PrunerModule(model, groups, budget=0.5, mask_mode="batch", noise=1.0, noise_anneal=0.5, epochs=2)
-    seen = []
-    module.pruner.register_forward_pre_hook(lambda m, args: seen.append(m.noise) if m.training else None)
-    data = DataLoader(TensorDataset(torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,))), batch_size=8)
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", limit_val_batches=0)
-    trainer.fit(module, data)
-    assert len(seen) == 10
-    assert seen[:5] == [1.0] * 5 and seen[-1] == pytest.approx(0.2) and seen == sorted(seen, reverse=True)

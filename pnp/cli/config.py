@@ -144,9 +144,6 @@ class PrunerConfig:
     # keep probability (one draw per batch), so the decisions fall to the budget gradually
     # instead of all at once, and every channel keeps being tried (0: a hard threshold)
     noise: float = 1.0
-    # > 0: over this last share of the pruner's steps the noise falls linearly to 0, so that it
-    # ends training the deterministic decisions the read-out takes (0: the noise stays)
-    noise_anneal: float = 0.0
     # one decision per batch learns the static architecture surgery will cut (per-sample
     # decisions, averaged later, start fine-tuning lower)
     mask_mode: str = "batch"
@@ -454,7 +451,6 @@ def _check_pruner(cfg: DictConfig) -> None:
     init_keep = cfg.pruner.init_keep
     _require(isinstance(init_keep, float) and 0.0 < init_keep < 1.0, "pruner.init_keep", init_keep, "must be in (0, 1)")
     _number(cfg, "pruner.noise", low=0)
-    _number(cfg, "pruner.noise_anneal", low=0, high=1)
     _choice(cfg, "pruner.mask_mode", MASK_MODES)
     _number(cfg, "pruner.input_samples", low=1, optional=True)
     _choice(cfg, "pruner.norm_stats", NORM_STATS)

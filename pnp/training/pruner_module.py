@@ -48,7 +48,6 @@ class PrunerModule(ChannelsLastModule):
         temperature: float = 1.0,
         init_keep: float = 0.9,
         noise: float = 0.0,
-        noise_anneal: float = 0.0,
         mask_mode: str = "sample",
         input_samples: int | None = None,
         norm_stats: str = "running",
@@ -65,8 +64,6 @@ class PrunerModule(ChannelsLastModule):
             raise ValueError(f"target_lr {target_lr} must be >= 0")
         if int(epochs) < 1:
             raise ValueError(f"epochs {epochs} must be >= 1")
-        if not 0.0 <= float(noise_anneal) <= 1.0:
-            raise ValueError(f"noise_anneal {noise_anneal} must be in [0, 1]: the share of training over which the noise falls to 0")
         self.save_hyperparameters(ignore=["target", "groups", "task", "channels_last"])
         self.groups = groups
         self.task = task or ClassificationTask(groups.example_inputs)
@@ -140,20 +137,7 @@ class PrunerModule(ChannelsLastModule):
         return terms["loss"]
 
     def training_step(self, batch, batch_idx):
-        if self.hparams.noise_anneal > 0:
-            self.pruner.noise = self.noise_at(self.global_step, int(self.trainer.estimated_stepping_batches))
         return self._step(batch, "train")
-
-    def noise_at(self, step: int, total: int) -> float:
-        """The keep logits' noise at optimizer step ``step`` of ``total``: ``noise`` until the last
-        ``noise_anneal`` share of the steps, then falling linearly to 0 at the end, so that the
-        pruner's last steps train the deterministic decisions the read-out will take."""
-        noise, share = float(self.hparams.noise), float(self.hparams.noise_anneal)
-        if share <= 0 or noise <= 0:
-            return noise
-        span = share * max(1, int(total))
-        left = (max(1, int(total)) - int(step)) / span
-        return noise * min(1.0, max(0.0, left))
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
