@@ -433,6 +433,43 @@ def test_replay_table_reads_the_replayed_choices_against_the_criteria_beside_the
         table.main([str(tmp_path / "bad.json")])
 
 
+def test_pool_batches_reads_each_batch_against_its_own_best_criterion_and_pools_the_differences(tmp_path, capsys):
+    pool = _bench_module("pool_batches")
+    accuracy = {  # batch -> seed -> method -> accuracy at 90% of the FLOPs removed
+        "A": {0: {"pnp": 88.5, "magnitude": 88.0, "taylor": 87.0}, 1: {"pnp": 88.0, "magnitude": 88.2, "taylor": 87.5}},
+        "B": {5: {"pnp": 90.0, "magnitude": 89.0, "taylor": 89.6}, 6: {"pnp": 89.6, "magnitude": 89.4, "taylor": 89.2},
+              7: {"pnp": 89.0, "magnitude": 89.3, "taylor": 89.5}},
+    }
+    for batch, by_seed in accuracy.items():
+        runs = tmp_path / batch / "runs" / "resnet20-fashion_mnist"
+        runs.mkdir(parents=True)
+        for seed, by_method in by_seed.items():
+            for method, acc in by_method.items():
+                (runs / f"{method}-r90-s{seed}.json").write_text(json.dumps(
+                    {"model": "resnet20", "dataset": "fashion_mnist", "method": method, "budget": 0.9, "seed": seed,
+                     "accuracy": acc}))
+        (runs / "pnp-r70-s0.json").write_text(json.dumps(  # another budget, left out by --budgets
+            {"model": "resnet20", "dataset": "fashion_mnist", "method": "pnp", "budget": 0.7, "seed": 0, "accuracy": 1.0}))
+
+    found = pool.main([str(tmp_path / "A"), str(tmp_path / "B"), "--budgets", "0.9", "--json", str(tmp_path / "p.json")])
+    a, b = found["rows"]
+    assert (a["rival"], b["rival"]) == ("magnitude", "taylor")  # each batch against its own best criterion by mean
+    assert a["diffs"] == pytest.approx([0.5, -0.2]) and b["diffs"] == pytest.approx([0.4, 0.4, -0.5])
+    [together] = found["pools"]
+    assert (together["n"], together["batches"], together["seeds"]) == (5, 2, [0, 1, 5, 6, 7])
+    assert together["mean"] == pytest.approx(0.12) and together["worst"] == pytest.approx(-0.5)
+    assert together["verdict"] == "level" and together["seeds_needed"] > 5
+    assert json.loads((tmp_path / "p.json").read_text())["pools"][0]["mean"] == pytest.approx(0.12)
+    assert "not a test" in capsys.readouterr().out
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="holds no run records"):
+        pool.main([str(empty)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        pool.main([str(tmp_path / "nowhere")])
+
+
 def test_sparsity_training_pulls_bn_scales_towards_zero_and_is_reused(tmp_path):
     _bench_module()
     from methods.methods import sparsity_trained
