@@ -433,6 +433,31 @@ def test_replay_table_reads_the_replayed_choices_against_the_criteria_beside_the
         table.main([str(tmp_path / "bad.json")])
 
 
+@pytest.mark.parametrize("target_lr", [0.0, 0.001])
+def test_bench_pnp_cuts_the_adapted_target_when_the_target_learned_beside_the_pruner(monkeypatch, target_lr):
+    """As the pipeline does: with pruner.target_lr the adapted target is cut, else the baseline."""
+    from types import SimpleNamespace
+
+    _bench_module()
+    from methods.methods import METHODS
+
+    from pnp.cli import stages
+
+    baseline, adapted = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    summary = {"accuracy": 90.0}
+    trained = stages.StageResult({"time_s": 1.5}, model=adapted if target_lr else None, scores={"g": torch.ones(2)})
+    monkeypatch.setattr(stages, "train_pruner", lambda *args, **kwargs: trained)
+    monkeypatch.setattr(stages, "read_out", lambda cfg, groups, scores, source: ({"g": torch.ones(2)}, {"from": source}))
+    ctx = SimpleNamespace(cfg=None, data=None, groups=None, dirs={"train_pruner": SimpleNamespace(path="run")},
+                          states={"train_pruner": "new"}, baseline=baseline, baseline_summary=summary)
+    choice = METHODS["pnp"].choose(ctx)
+    if target_lr:  # its summary is measured on it at surgery, not the baseline's
+        assert choice.source is adapted and choice.before is None
+    else:
+        assert choice.source is baseline and choice.before is summary
+    assert choice.inherit and choice.times == {"pruner_training_s": 1.5}
+
+
 def test_pool_batches_reads_each_batch_against_its_own_best_criterion_and_pools_the_differences(tmp_path, capsys):
     pool = _bench_module("pool_batches")
     accuracy = {  # batch -> seed -> method -> accuracy at 90% of the FLOPs removed
