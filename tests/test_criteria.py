@@ -451,10 +451,8 @@ def test_bench_pnp_cuts_the_adapted_target_when_the_target_learned_beside_the_pr
     ctx = SimpleNamespace(cfg=None, data=None, groups=None, dirs={"train_pruner": SimpleNamespace(path="run")},
                           states={"train_pruner": "new"}, baseline=baseline, baseline_summary=summary)
     choice = METHODS["pnp"].choose(ctx)
-    if target_lr:  # its summary is measured on it at surgery, not the baseline's
-        assert choice.source is adapted and choice.before is None
-    else:
-        assert choice.source is baseline and choice.before is summary
+    assert choice.source is (adapted if target_lr else baseline)
+    assert choice.before is summary  # the report compares with the baseline, as the pipeline's does
     assert choice.inherit and choice.times == {"pruner_training_s": 1.5}
 
 

@@ -105,6 +105,30 @@ def test_lookahead_chooses_the_channels_that_fine_tune_better(setup):
     assert again.scores == chosen.scores  # same batches, same seed: the same comparison
 
 
+def test_distilled_lookahead_learns_from_the_teacher_it_is_given_not_the_target_it_cuts(setup):
+    """A target that adapted beside the pruner is cut, but the look-ahead, like the fine-tuning after it, distils
+    from the original: the scores are those of candidates distilled from the teacher given."""
+    model, example, groups, keep, train_loader, held_out = setup
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.0)  # a teacher that says something else
+    keeps, _ = candidate_keeps(model, groups, keep, ["learned", "l1"])
+    scores = {}
+    for label, teacher in (("target", model), ("other", other)):
+        scores[label] = {}
+        for name, k in keeps.items():
+            pruned = apply_surgery(copy.deepcopy(model), groups, k, example, verify=False)
+            scores[label][name] = lookahead_accuracy(pruned, train_loader(), held_out, steps=20, lr=0.1, teacher=teacher,
+                                                     kd_weight=3.0)
+    assert scores["target"] != scores["other"]  # the teacher matters here
+    given = choose_inheritance(model, groups, keep, example, ["learned", "l1"], train_loader, held_out, steps=20, lr=0.1,
+                               kd_weight=3.0, teacher=other)
+    default = choose_inheritance(model, groups, keep, example, ["learned", "l1"], train_loader, held_out, steps=20,
+                                 lr=0.1, kd_weight=3.0)
+    assert given.scores == scores["other"] and default.scores == scores["target"]
+
+
 def test_distilled_lookahead_runs_the_teacher_once_for_all_candidates(setup):
     """Every candidate trains on the same batches, so the teacher's logits of the first serve the others:
     the scores are those of candidates distilled one by one, and a loader that changes its batches is refused."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import struct
 from pathlib import Path
@@ -221,6 +222,27 @@ def test_a_target_that_adapts_beside_the_pruner_is_what_both_prune_commands_cut(
     run("prune", cfg, single)
     again = load_pruned(single / "model").state_dict()
     assert all(torch.equal(again[k], v) for k, v in pruned.state_dict().items())
+
+
+def test_an_adapted_target_with_batchnorm_is_saved_with_statistics_of_its_own_weights(tmp_path):
+    """With norm_stats=batch the gated target's running statistics are never updated while its weights learn:
+    the adapted target is saved with statistics measured for its weights, not the unadapted network's."""
+    from pnp.cli import stages
+    from pnp.core.artifacts import load_pruned
+
+    data_root = write_fashion_mnist(tmp_path / "fashion", n_train=300, n_test=50)
+    out = tmp_path / "run"
+    overrides = quick_overrides(data_root, out) + ["model=resnet20", "pruner.target_lr=0.01", "inherit.choice=learned",
+                                                   "trainer.limit_train_batches=2", "norm_samples=100"]
+    cfg = compose_config("pipeline", overrides)
+    run("pipeline", cfg, out)
+    original = load_pruned(out / "train" / "model").state_dict()
+    adapted = load_pruned(out / "train_pruner" / "adapted")
+    measured = copy.deepcopy(adapted)
+    stages.remeasure_norms(cfg, stages.build_data(cfg), measured)
+    stats = [k for k in original if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.allclose(adapted.state_dict()[k], measured.state_dict()[k], atol=1e-5) for k in stats)
+    assert any(not torch.allclose(adapted.state_dict()[k], original[k]) for k in stats)
 
 
 def test_without_a_budget_the_criterions_widths_are_skipped_and_say_why(finished_run, tmp_path):

@@ -107,10 +107,10 @@ class LearnedPruner(Method):
         keep, info = stages.read_out(ctx.cfg, ctx.groups, trained.scores, ("pruner scores", str(stage.path)))
         times = {"pruner_training_s": trained.report["time_s"]}
         # with pruner.target_lr the gated target adapted while the pruner learned: it is what the
-        # pipeline cuts, so the benchmark cuts it too (fine-tuning still distils from the baseline)
-        adapted = trained.model is not None
-        return Choice(trained.model if adapted else ctx.baseline, keep, info, inherit=True, times=times,
-                      before=None if adapted else ctx.baseline_summary)
+        # pipeline cuts, so the benchmark cuts it too (the look-ahead and fine-tuning still distil
+        # from the baseline, and the report compares with it)
+        source = trained.model if trained.model is not None else ctx.baseline
+        return Choice(source, keep, info, inherit=True, times=times, before=ctx.baseline_summary)
 
 
 class Criterion(Method):

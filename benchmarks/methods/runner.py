@@ -329,8 +329,9 @@ def run_one(run: Run, data: stages.Data, baseline: stages.StageResult, groups) -
             choice = METHODS[run.method].choose(ctx)
             source, keep, inherit, before = copy.deepcopy(choice.source), choice.keep, choice.inherit, choice.before
             info, times = choice.info, {"select_steps_s": choice.times}  # kept in the prune stage's report
+        # the look-ahead distils from the baseline, as fine-tuning does (also when an adapted target is cut)
         pruned = stages.prune(cfg, data, dirs["prune"], state["prune"], source, groups, keep, info, before=before,
-                              inherit_weights=inherit, extra=times)
+                              inherit_weights=inherit, extra=times, teacher=baseline.model)
     teacher = copy.deepcopy(baseline.model) if cfg.finetune.kd_weight > 0 else None
     start = pruned.model if pruned is not None else baseline.model
     tuned = stages.finetune(cfg, data, dirs["finetune"], state["finetune"], copy.deepcopy(start), teacher)

@@ -213,7 +213,7 @@ def _prune(cfg, run_dir: Path, data) -> dict:
     # the report compares with the original target, also when an adapted one is cut
     before = stages.summarize(original, data, cfg) if original is not None and state != "done" else None
     result = stages.prune(cfg, data, stage, state, target, groups, keep, info, before=before,
-                          inherit_weights=cfg.pruner_run is not None)
+                          inherit_weights=cfg.pruner_run is not None, teacher=original)
     r = result.report
     _say(_table(baseline=r.get("before"), pruned=r.get("after"), stage_reports={"prune": r}))
     _say_paths(run_dir, r, [Path(p) for p in r.get("plots", {}).values()])
@@ -295,7 +295,7 @@ def _pipeline(cfg, run_dir: Path, data) -> dict:
     if r_pruner.model is not None and states["prune"] != "done":
         _say("[pnp] cutting the target as it adapted beside the pruner (pruner.target_lr); fine-tuning distils from the original")
     r_prune = stages.prune(cfg, data, dirs["prune"], states["prune"], copy.deepcopy(cut_from), groups, keep, info,
-                           before=r_train.report.get("model"))
+                           before=r_train.report.get("model"), teacher=target)
     teacher = copy.deepcopy(target) if cfg.finetune.kd_weight > 0 else None
     announce("finetune")
     r_finetune = stages.finetune(cfg, data, dirs["finetune"], states["finetune"], copy.deepcopy(r_prune.model), teacher)

@@ -426,6 +426,11 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     calibrate(trainer, module, data.module.calibration_dataloader(samples))
     scores = {k: v.detach().float().cpu() for k, v in module.keep_scores.items()}
     adapted = module.gated.target.to("cpu").eval() if module.adapts else None
+    if adapted is not None:
+        # its BatchNorm statistics are the unadapted network's (norm_stats=batch never updates them) or
+        # the gated batches' (running): measure them for its own weights, so that the adapted target
+        # saved and reported is a network that works on its own
+        remeasure_norms(cfg, data, adapted)
     if is_global_zero():
         save_keep_scores(stage.path / KEEP_SCORES_FILE, scores)
         save_tensors_atomic(module.pruner.state_dict(), stage.path / PRUNER_FILE)
@@ -581,13 +586,15 @@ def _broadcast(value):
     return value
 
 
-def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[str, torch.Tensor]):
+def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[str, torch.Tensor],
+            teacher: nn.Module | None = None):
     """Keep decisions at the learned widths, their channels picked as ``cfg.inherit`` says; and what was decided.
 
     With ``inherit.choice=auto`` every candidate is cut and fine-tuned briefly on the
     same batches; with a budget, the read-outs of the ``inherit.widths_from`` criteria
     (their own widths) compete too. Rank 0's choice is used on every rank. Returns the
     decisions, the record, and the read-out's info when a criterion's widths won (else None).
+    The look-ahead distils from ``teacher`` (default ``target``) as ``inherit.kd_weight`` says.
     """
     from pnp.core.criteria import rank_channels
     from pnp.training.inherit import LEARNED, Inheritance, candidate_keeps, choose_inheritance, rival_widths
@@ -618,7 +625,7 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
             steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,
             rivals={name: k for name, (k, _) in rivals.items()}, kd_weight=float(c.kd_weight),
             # pnp-prune has no trainer section: the look-ahead then trains in the trainer's default layout
-            channels_last=bool(OmegaConf.select(cfg, "trainer.channels_last", default=CHANNELS_LAST)),
+            channels_last=bool(OmegaConf.select(cfg, "trainer.channels_last", default=CHANNELS_LAST)), teacher=teacher,
         )
         record = {**found.to_dict(), "evaluated_on": evaluated_on}
         record["skipped"].update(unusable)
@@ -639,11 +646,14 @@ def prune(
     before: dict | None = None,
     inherit_weights: bool = True,
     extra: dict | None = None,
+    teacher: nn.Module | None = None,
 ) -> StageResult:
     """Cut out what ``keep`` drops, save the pruned model, its keep decisions and a plot of them.
 
     With ``inherit_weights`` the channels kept at ``keep``'s widths are chosen as
-    ``cfg.inherit`` says (see :func:`inherit`). ``extra`` fields go into the stage's report.
+    ``cfg.inherit`` says (see :func:`inherit`); its look-ahead distils from ``teacher``
+    (default ``target``: pass the original when ``target`` adapted beside the pruner).
+    ``extra`` fields go into the stage's report.
     """
     if state == "done":
         return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR, trust_builder=data.builder), skipped=True)
@@ -656,7 +666,7 @@ def prune(
         from pnp.training.inherit import channels_changed, inheritance_line
 
         learned = keep
-        keep, inherited, rival = inherit(cfg, data, target, groups, keep)
+        keep, inherited, rival = inherit(cfg, data, target, groups, keep, teacher=teacher)
         if rival is not None:  # a criterion's own widths won the look-ahead: its read-out is what was cut
             info = {**rival, "learned": info}
         if is_global_zero():

@@ -295,6 +295,7 @@ def choose_inheritance(
     rivals: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     kd_weight: float = 0.0,
     channels_last: bool = CHANNELS_LAST,
+    teacher: nn.Module | None = None,
 ) -> Inheritance:
     """Cut ``target`` once per candidate, fine-tune each briefly, take the best held-out accuracy.
 
@@ -303,13 +304,14 @@ def choose_inheritance(
     candidate. ``rivals`` are keep decisions with widths of their own (named
     ``widths:CRITERION``, a criterion's own read-out), tried after the candidates
     at the learned widths. With ``kd_weight > 0`` each candidate is distilled from
-    ``target`` while it fine-tunes. ``channels_last``: the memory format the look-ahead
+    ``teacher`` (default ``target``; when ``target`` adapted beside the pruner, the original
+    it adapted from, which the fine-tuning that follows distils from) while it fine-tunes. ``channels_last``: the memory format the look-ahead
     trains in (see :func:`lookahead_accuracy`). ``target`` is not changed.
     """
     check_inherit(AUTO, candidates)
     keeps, skipped = candidate_keeps(target, groups, keep, candidates, gradient_batches)
     keeps.update({name: dict(k) for name, k in (rivals or {}).items()})
-    teacher = copy.deepcopy(target).eval() if kd_weight > 0 else None
+    teacher = copy.deepcopy(target if teacher is None else teacher).eval() if kd_weight > 0 else None
     teacher_outputs: list = []  # every candidate trains on the same batches: the teacher runs once
 
     def score(name: str, k: Mapping[str, torch.Tensor]) -> float:
