@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the methods package beside this file
 
+from methods.methods import METHODS  # noqa: E402
 from methods.tables import PNP, PairedDifference, comparisons  # noqa: E402
 from pnp.core.io import read_json, write_json_atomic  # noqa: E402
 from pnp.training.runs import script_main  # noqa: E402
@@ -53,6 +54,9 @@ def batch_records(folder: Path) -> list[dict]:
             raise SystemExit(f"pool_batches: {path} cannot be read as a run record ({exc})") from None
         if not isinstance(record, dict) or not {"model", "dataset", "method", "budget", "seed"} <= set(record):
             raise SystemExit(f"pool_batches: {path} is not a run record of bench_methods.py")
+        if record["method"] not in METHODS:
+            raise SystemExit(f"pool_batches: {path} is a record of method {record['method']!r}, which this benchmark "
+                             f"does not know (its methods: {', '.join(METHODS)}); leave that folder out")
         if "not_applicable" not in record and "accuracy" in record:
             records.append(record)
     return records

@@ -491,6 +491,10 @@ def test_pool_batches_reads_each_batch_against_its_own_best_criterion_and_pools_
         pool.main([str(empty)])
     with pytest.raises(SystemExit, match="does not exist"):
         pool.main([str(tmp_path / "nowhere")])
+    (tmp_path / "A" / "runs" / "resnet20-fashion_mnist" / "odd-r90-s0.json").write_text(json.dumps(
+        {"model": "resnet20", "dataset": "fashion_mnist", "method": "odd", "budget": 0.9, "seed": 0, "accuracy": 1.0}))
+    with pytest.raises(SystemExit, match="method 'odd'"):
+        pool.main([str(tmp_path / "A")])
 
 
 def test_sparsity_training_pulls_bn_scales_towards_zero_and_is_reused(tmp_path):
