@@ -88,7 +88,7 @@ def pool(batches: list[Path], budgets: list[float] | None = None) -> tuple[list[
         sd = statistics.stdev(together.diffs) if together.n > 1 else None
         pools.append({"budget": budget, "batches": len(parts), **found, "seeds": list(found["seeds"]),
                       "diffs": list(found["diffs"]), "sd": sd,
-                      "seeds_needed": seeds_needed(together.mean, sd) if sd else None})
+                      "seeds_needed": seeds_needed(together.mean, sd) if sd is not None else None})
     return rows, pools
 
 

@@ -304,9 +304,10 @@ def choose_inheritance(
     candidate. ``rivals`` are keep decisions with widths of their own (named
     ``widths:CRITERION``, a criterion's own read-out), tried after the candidates
     at the learned widths. With ``kd_weight > 0`` each candidate is distilled from
-    ``teacher`` (default ``target``; when ``target`` adapted beside the pruner, the original
-    it adapted from, which the fine-tuning that follows distils from) while it fine-tunes. ``channels_last``: the memory format the look-ahead
-    trains in (see :func:`lookahead_accuracy`). ``target`` is not changed.
+    ``teacher`` while it fine-tunes (default ``target``; when ``target`` adapted beside the
+    pruner, the original it adapted from, which the fine-tuning that follows distils from).
+    ``channels_last``: the memory format the look-ahead trains in (see
+    :func:`lookahead_accuracy`). ``target`` is not changed.
     """
     check_inherit(AUTO, candidates)
     keeps, skipped = candidate_keeps(target, groups, keep, candidates, gradient_batches)
