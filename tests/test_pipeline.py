@@ -110,6 +110,9 @@ def test_pipeline_writes_report_plots_logs_and_config(finished_run):
     assert (pruner["epochs"], pruner["steps"]) == (2, 9)  # pruner.epochs=1, but exactly pruner.min_steps where more
     assert {"val/acc", "val/flops_kept"} <= set(pruner["metrics"])  # validated once it stopped, part-way into epoch 2
     assert pruner["input_samples"] == 32  # the batch's decision is made from its first 32 images
+    signal = pruner["task_signal"]  # how much of the task the gated target still did when the pruner stopped
+    assert signal["val_acc"] == pruner["metrics"]["val/acc"] and signal["chance"] == 10.0
+    assert signal["low"] == (signal["val_acc"] < 32.5) and signal["adapting_target"] is False
     prune = json.loads((out / "prune" / "report.json").read_text())
     inherit = prune["inherit"]  # weights inherited as the look-ahead chose: at the learned widths, or magnitude's own
     assert set(inherit["lookahead_accuracy"]) == {"learned", "magnitude", "widths:magnitude"}
@@ -279,3 +282,23 @@ def test_the_pruner_trains_its_epochs_or_exactly_min_steps(epochs, min_steps, ba
     from pnp.cli.stages import pruner_schedule
 
     assert pruner_schedule(epochs, min_steps, batches) == expected
+
+
+def test_a_pruner_that_learned_against_a_target_near_chance_is_told_it_had_little_task_signal():
+    from pnp.cli.stages import task_signal, task_signal_line
+
+    # ResNet-56 gated to 2% of its FLOPs by a frozen-target pruner ended at 15.9% on 10 classes
+    frozen = task_signal({"val/acc": 15.9, "val/flops_kept": 0.021}, classes=10, adapts=False)
+    assert frozen["low"]
+    line = task_signal_line(frozen)
+    assert "15.9% validation accuracy with 2.1% of its FLOPs kept (chance 10.0%)" in line
+    assert "pruner.target_lr" in line
+    # the same, with the target already adapting: nothing to suggest
+    assert "pruner.target_lr" not in task_signal_line(task_signal({"val/acc": 15.9}, classes=10, adapts=True))
+    # a gated network that still works (MobileNetV2 at 10% of its FLOPs: 53.6%) is not flagged
+    assert not task_signal({"val/acc": 53.6, "val/flops_kept": 0.099}, classes=10, adapts=False)["low"]
+    # chance depends on the classes: 55% of two classes is little, of ten it is plenty
+    assert task_signal({"val/acc": 55.0}, classes=2, adapts=False)["low"]
+    assert not task_signal({"val/acc": 55.0}, classes=10, adapts=False)["low"]
+    # a run that never validated (no val/acc) is not flagged
+    assert not task_signal({}, classes=10, adapts=False)["low"]
