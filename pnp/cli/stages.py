@@ -475,7 +475,7 @@ def task_signal(metrics: dict, classes: int, adapts: bool) -> dict:
 
     ``low`` when its validation accuracy (``val/acc``, under the pruner's masks) is nearer chance
     than :data:`LOW_SIGNAL_SHARE` of the way to 100%: the pruner then learned its widths from a
-    network that no longer solves the task.
+    network that no longer solves the task. Chance is one class in ``classes`` (balanced classes).
     """
     acc, kept = metrics.get("val/acc"), metrics.get("val/flops_kept")
     chance = 100.0 / max(1, classes)
@@ -484,6 +484,7 @@ def task_signal(metrics: dict, classes: int, adapts: bool) -> dict:
 
 
 def task_signal_line(signal: dict) -> str:
+    """The stage's notice for a low :func:`task_signal`, naming the option that keeps the target working."""
     kept = "" if signal["flops_kept"] is None else f" with {100 * signal['flops_kept']:.1f}% of its FLOPs kept"
     line = (f"[pnp] the gated target ended the pruner's training at {signal['val_acc']:.1f}% validation accuracy{kept} "
             f"(chance {signal['chance']:.1f}%): the widths were learned with little task signal")
