@@ -59,6 +59,7 @@ def snapshot(directory: Path) -> dict:
         ("finetune.momentum=1.0", "finetune.momentum", "1.0"),
         ("train.warmup_epochs=-1", "train.warmup_epochs", "-1.0"),
         ("finetune.warmup_epochs=99", "finetune.warmup_epochs", "99.0"),
+        ("pruner.budget_warmup=1.0", "pruner.budget_warmup", "1.0"),
         ("data.name=mnist", "data.name", "'mnist'"),
         ("model.builder=pnp:lenet7", "model.builder", "'pnp:lenet7'"),
     ],

@@ -80,3 +80,24 @@ def test_budget_term_pulls_towards_the_budget_from_both_sides(groups):
 def test_bad_loss_settings_name_the_field(groups, kwargs, field):
     with pytest.raises(ValueError, match=field):
         pnp.PrunerLoss(groups, **kwargs)
+
+
+def test_a_budget_warmup_falls_from_the_whole_model_to_the_budget_and_stays():
+    from pnp.core.losses import budget_at
+
+    aims = [budget_at(0.1, step / 100, warmup=0.5) for step in range(101)]
+    assert aims[0] == pytest.approx(1.0) and aims[50] == pytest.approx(0.1) and aims[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(aims, aims[1:]))  # never back up
+    # cubic: most of the way down in the first third of the warmup, slowly onto the budget
+    assert aims[17] < 0.1 + 0.3 * 0.9 and aims[45] - 0.1 < 0.001
+    assert all(budget_at(0.1, p, warmup=0.0) == 0.1 for p in (0.0, 0.5, 1.0))
+    with pytest.raises(ValueError, match="warmup 1.0"):
+        budget_at(0.1, 0.0, warmup=1.0)
+
+
+def test_the_budget_a_step_aims_at_replaces_the_objectives_own(groups):
+    full = {g.name: torch.ones(g.size) for g in groups}
+    y = torch.zeros(2, dtype=torch.long)
+    loss = pnp.PrunerLoss(groups, budget=0.5)
+    assert loss(torch.randn(2, 4), y, full, budget=1.0)["budget"].item() == pytest.approx(0.0, abs=1e-6)
+    assert loss(torch.randn(2, 4), y, full)["budget"].item() == pytest.approx(1.0)

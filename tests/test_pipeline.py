@@ -272,6 +272,14 @@ def test_an_adapting_target_is_refused_a_negative_rate(tmp_path):
         run("pipeline", cfg, tmp_path / "run")
 
 
+def test_a_budget_warmup_without_a_budget_is_refused(tmp_path):
+    from pnp.cli.config import ConfigError
+
+    cfg = compose_config("pipeline", [f"out_dir={tmp_path / 'run'}", "readout.budget=null", "pruner.budget_warmup=0.3"])
+    with pytest.raises(ConfigError, match=r"^pruner\.budget_warmup=0\.3: needs a budget"):
+        run("pipeline", cfg, tmp_path / "run")
+
+
 @pytest.mark.parametrize("epochs, min_steps, batches, expected", [
     (1, 200, 430, (430, 1)),  # a long epoch: min_steps adds nothing
     (1, 200, 79, (200, 3)),  # short epochs: exactly 200 steps, the third epoch stopping part-way

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -111,3 +112,32 @@ def test_an_adapting_target_learns_while_the_distillation_reference_stays_as_tra
     still = build_model("pnp:resnet20", in_channels=1, num_classes=10, input_size=16)
     frozen = PrunerModule(still, task.find_groups(still), task=task, budget=0.5, kd_weight=1.0)
     assert frozen.reference is None and not any(p.requires_grad for p in still.parameters())
+
+
+def test_with_a_budget_warmup_the_pruners_steps_aim_at_a_falling_budget_and_validation_at_the_budget():
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pnp.core.builders import build_model
+    from pnp.training.pruner_module import PrunerModule
+
+    torch.manual_seed(0)
+    model = build_model("pnp:lenet5", in_channels=1, num_classes=10, input_size=28)
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    task = ClassificationTask(x[:2])
+    module = PrunerModule(model, task.find_groups(model), task=task, budget=0.2, budget_warmup=0.5, mask_mode="batch")
+    aims = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            aims.append(pl_module.budget_now())
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    trainer = pl.Trainer(max_steps=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[Record()], accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(module, loader, loader)
+    assert aims[0] == pytest.approx(1.0) and aims[3] > 0.2 and aims[4:] == [pytest.approx(0.2)] * 4
+    assert trainer.callback_metrics["val/budget_loss"] == pytest.approx(
+        abs(float(trainer.callback_metrics["val/flops_kept"]) / 0.2 - 1), rel=1e-4)
+    with pytest.raises(ValueError, match="needs a budget"):
+        PrunerModule(model, task.find_groups(model), task=task, budget_warmup=0.5)

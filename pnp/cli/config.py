@@ -136,6 +136,9 @@ class PrunerConfig:
     budget: Optional[float] = "${oc.select:readout.budget,null}"  # type: ignore[assignment]
     budget_metric: str = "flops"
     budget_weight: float = 1.0
+    # > 0: the budget the pruner aims at falls from the whole model to `budget` over this share
+    # of its steps (cubic, fast at first), instead of holding it from the first step (0)
+    budget_warmup: float = 0.0
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
     temperature: float = 1.0
@@ -445,6 +448,10 @@ def _check_pruner(cfg: DictConfig) -> None:
     _fraction(cfg, "pruner.budget")
     _choice(cfg, "pruner.budget_metric", BUDGET_METRICS)
     _number(cfg, "pruner.budget_weight", low=0)
+    _number(cfg, "pruner.budget_warmup", low=0, high=1, high_open=True)
+    warmup = cfg.pruner.budget_warmup
+    _require(warmup == 0 or cfg.pruner.budget is not None, "pruner.budget_warmup", warmup,
+             "needs a budget to fall to: set readout.budget (or pruner.budget), or leave it at 0")
     _number(cfg, "pruner.kd_weight", low=0)
     _number(cfg, "pruner.kd_temperature", low=0, low_open=True)
     _number(cfg, "pruner.temperature", low=0, low_open=True)

@@ -414,7 +414,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     module = PrunerModule(
         target, groups, task=task_of(data), lr=p.lr, trunk_lr=p.trunk_lr, target_lr=p.target_lr, weight_decay=p.weight_decay, epochs=epochs, sparsity=p.sparsity,
         sparsity_weight=pruner_sparsity_weight(p), budget=p.budget, budget_metric=p.budget_metric,
-        budget_weight=p.budget_weight, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
+        budget_weight=p.budget_weight, budget_warmup=p.budget_warmup, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
         temperature=p.temperature, init_keep=p.init_keep, noise=p.noise, mask_mode=p.mask_mode,
         input_samples=pruner_input_samples(p), norm_stats=p.norm_stats, head_layer=p.head_layer, channels_last=cfg.trainer.channels_last,
     )

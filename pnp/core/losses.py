@@ -54,6 +54,22 @@ def channel_fraction(masks: Mapping[str, torch.Tensor], groups: ChannelGroups) -
     return kept / groups.total_channels
 
 
+def budget_at(budget: float, progress: float, warmup: float) -> float:
+    """The budget a pruner aims at ``progress`` (0 to 1) of the way through its training.
+
+    With ``warmup`` > 0 it falls from the whole model (1.0) to ``budget`` over that share
+    of the training, along the cubic of Zhu and Gupta's gradual pruning (2017): fast at
+    first, slowly as it nears the budget, so that the pruner's decisions settle on the
+    budget instead of overshooting it; ``budget`` from there on. ``warmup=0``: the budget throughout.
+    """
+    if not 0.0 <= warmup < 1.0:
+        raise ValueError(f"budget warmup {warmup} must be in [0, 1): the share of the training the budget falls over")
+    if warmup == 0.0 or progress >= warmup:
+        return float(budget)
+    left = 1.0 - max(0.0, progress) / warmup
+    return float(budget) + (1.0 - float(budget)) * left ** 3
+
+
 class PrunerLoss:
     """Task loss through the gated target, plus sparsity, budget and distillation terms.
 
@@ -65,8 +81,9 @@ class PrunerLoss:
     (or params, ``budget_metric``) to keep: ``budget_weight * |kept / budget - 1|``
     pulls the pruner to the budget from both sides, so that it spends what it may
     keep on the channels that matter instead of pruning on past it (the read-out
-    then meets the budget exactly). ``kd_weight`` distils the unpruned
-    target's logits into the gated target's.
+    then meets the budget exactly). A call's ``budget`` overrides the one it aims
+    at for that step (:func:`budget_at`: a budget reached gradually). ``kd_weight``
+    distils the unpruned target's logits into the gated target's.
     """
 
     def __init__(
@@ -107,16 +124,18 @@ class PrunerLoss:
         targets: torch.Tensor,
         masks: Mapping[str, torch.Tensor],
         teacher_logits: torch.Tensor | None = None,
+        budget: float | None = None,
     ) -> dict[str, torch.Tensor]:
         task = self.task_loss(logits, targets)
         flops_kept = self.cost.flops_fraction(masks).mean()
         params_kept = self.cost.params_fraction(masks).mean()
         channels_kept = channel_fraction(masks, self.groups).mean()
         sparsity = {"flops": flops_kept, "params": params_kept, "channels": channels_kept}[self.sparsity]
+        aim = self.budget if budget is None else float(budget)
         budget = task.new_zeros(())
         if self.budget is not None:
             kept = flops_kept if self.budget_metric == "flops" else params_kept
-            budget = (kept / self.budget - 1.0).abs()
+            budget = (kept / aim - 1.0).abs()
         kd = task.new_zeros(())
         if self.kd_weight > 0 and teacher_logits is not None:
             kd = kd_loss(logits, teacher_logits, self.kd_temperature)

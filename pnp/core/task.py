@@ -90,12 +90,13 @@ class ClassificationTask(PruningTask):
 
 
 def pruner_terms(task: PruningTask, model: nn.Module, gate: GatedModel, pruner: PrunerNetwork, objective: PrunerLoss,
-                 batch, reference_model: nn.Module | None = None) -> dict[str, Any]:
+                 batch, reference_model: nn.Module | None = None, budget: float | None = None) -> dict[str, Any]:
     """One step of the pruner's objective on ``batch``: the loss and its terms, the masks and the task output.
 
     The pruner decides masks from :meth:`PruningTask.pruner_input`; the model runs
     its task gated by them (``gate`` wraps ``task.prunable(model)``). With
     distillation the ungated output of ``reference_model`` (default: ``model``) is the reference.
+    ``budget``: the budget this step aims at (default: the objective's own).
     """
     masks = pruner(task.pruner_input(model, batch))
     reference = None
@@ -104,7 +105,7 @@ def pruner_terms(task: PruningTask, model: nn.Module, gate: GatedModel, pruner: 
             reference, _ = task.output(model if reference_model is None else reference_model, batch)
     with gate.masked(masks):
         output, target = task.output(model, batch)
-    terms = dict(objective(output, target, masks, reference))
+    terms = dict(objective(output, target, masks, reference, budget=budget))
     terms["masks"], terms["output"], terms["target"] = masks, output, target
     return terms
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from pnp.core.gating import GatedModel
 from pnp.core.groups import ChannelGroups
-from pnp.core.losses import PrunerLoss
+from pnp.core.losses import PrunerLoss, budget_at
 from pnp.core.pruner import PrunerNetwork
 from pnp.core.readout import KeepScores
 from pnp.core.task import ClassificationTask, PruningTask, pruner_terms
@@ -26,7 +26,10 @@ class PrunerModule(ChannelsLastModule):
 
     ``trainer.fit`` trains the pruner; ``trainer.test(module, calibration_loader)``
     averages its keep probabilities over the loader (across all processes) into
-    ``module.keep_scores``, ready for :func:`pnp.decide_keep`.
+    ``module.keep_scores``, ready for :func:`pnp.decide_keep`. With ``budget_warmup``
+    the budget its training steps aim at falls from the whole model to ``budget`` over
+    that share of the trainer's steps (:func:`pnp.core.losses.budget_at`); validation
+    always measures against ``budget``.
     """
 
     def __init__(
@@ -43,6 +46,7 @@ class PrunerModule(ChannelsLastModule):
         budget: float | None = None,
         budget_metric: str = "flops",
         budget_weight: float = 10.0,
+        budget_warmup: float = 0.0,
         kd_weight: float = 0.0,
         kd_temperature: float = 4.0,
         temperature: float = 1.0,
@@ -64,6 +68,10 @@ class PrunerModule(ChannelsLastModule):
             raise ValueError(f"target_lr {target_lr} must be >= 0")
         if int(epochs) < 1:
             raise ValueError(f"epochs {epochs} must be >= 1")
+        if not 0.0 <= budget_warmup < 1.0:
+            raise ValueError(f"budget_warmup {budget_warmup} must be in [0, 1): the share of the steps the budget falls over")
+        if budget_warmup > 0 and budget is None:
+            raise ValueError(f"budget_warmup {budget_warmup} needs a budget to fall to")
         self.save_hyperparameters(ignore=["target", "groups", "task", "channels_last"])
         self.groups = groups
         self.task = task or ClassificationTask(groups.example_inputs)
@@ -99,6 +107,7 @@ class PrunerModule(ChannelsLastModule):
         self._scores = KeepScores(groups)
         self._val_kept: dict[str, torch.Tensor] = {}
         self._val_count = 0
+        self._total_steps: int | None = None
         self.keep_scores: dict[str, torch.Tensor] | None = None
 
     def train(self, mode: bool = True):
@@ -110,9 +119,20 @@ class PrunerModule(ChannelsLastModule):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.pruner(x)
 
+    def on_train_start(self) -> None:
+        self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+
+    def budget_now(self) -> float | None:
+        """The budget this training step aims at: ``budget``, or on its way there during the warmup."""
+        budget, warmup = self.objective.budget, float(self.hparams.budget_warmup)
+        if budget is None or warmup == 0.0 or self._total_steps is None:
+            return budget
+        return budget_at(budget, self.global_step / self._total_steps, warmup)
+
     def _step(self, batch, stage: str) -> torch.Tensor:
+        budget = self.budget_now() if stage == "train" else None
         terms = pruner_terms(self.task, self.gated.target, self.gated, self.pruner, self.objective, batch,
-                             reference_model=self.reference)
+                             reference_model=self.reference, budget=budget)
         logits, y, masks = terms["output"], terms["target"], terms["masks"]
         acc = (logits.argmax(-1) == y).float().mean() * 100.0
         keys = ["loss", "task", "sparsity", "flops_kept"]
@@ -129,6 +149,8 @@ class PrunerModule(ChannelsLastModule):
                 self.log(name, terms[key], on_epoch=True, prog_bar=key == "flops_kept", sync_dist=True)
         self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log(f"{stage}/channels_kept", terms["channels_kept"], on_step=False, on_epoch=True, sync_dist=True)
+        if stage == "train" and self.hparams.budget_warmup > 0:
+            self.log("train/budget_aim", budget, on_step=True, on_epoch=False)
         if stage == "val":
             n = y.shape[0]
             for name, m in masks.items():  # fraction kept, weighted by batch size
