@@ -131,20 +131,20 @@ class PrunerLoss:
         params_kept = self.cost.params_fraction(masks).mean()
         channels_kept = channel_fraction(masks, self.groups).mean()
         sparsity = {"flops": flops_kept, "params": params_kept, "channels": channels_kept}[self.sparsity]
-        aim = self.budget if budget is None else float(budget)
-        budget = task.new_zeros(())
+        off_budget = task.new_zeros(())
         if self.budget is not None:
+            aim = self.budget if budget is None else float(budget)
             kept = flops_kept if self.budget_metric == "flops" else params_kept
-            budget = (kept / aim - 1.0).abs()
+            off_budget = (kept / aim - 1.0).abs()
         kd = task.new_zeros(())
         if self.kd_weight > 0 and teacher_logits is not None:
             kd = kd_loss(logits, teacher_logits, self.kd_temperature)
-        total = task + self.sparsity_weight * sparsity + self.budget_weight * budget + self.kd_weight * kd
+        total = task + self.sparsity_weight * sparsity + self.budget_weight * off_budget + self.kd_weight * kd
         return {
             "loss": total,
             "task": task,
             "sparsity": sparsity,
-            "budget": budget,
+            "budget": off_budget,
             "kd": kd,
             "flops_kept": flops_kept,
             "params_kept": params_kept,

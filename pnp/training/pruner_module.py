@@ -124,10 +124,10 @@ class PrunerModule(ChannelsLastModule):
 
     def budget_now(self) -> float | None:
         """The budget this training step aims at: ``budget``, or on its way there during the warmup."""
-        budget, warmup = self.objective.budget, float(self.hparams.budget_warmup)
-        if budget is None or warmup == 0.0 or self._total_steps is None:
+        budget = self.objective.budget
+        if budget is None or self._total_steps is None:
             return budget
-        return budget_at(budget, self.global_step / self._total_steps, warmup)
+        return budget_at(budget, self.global_step / self._total_steps, float(self.hparams.budget_warmup))
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         budget = self.budget_now() if stage == "train" else None
