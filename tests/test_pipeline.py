@@ -176,6 +176,28 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(finished_run):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_stages_written_before_a_setting_existed_are_kept_while_it_stays_at_its_default(finished_run):
+    """A newer pnp that added a setting resumes and skips an older run's stages, unless the setting is changed."""
+    out, overrides, _ = finished_run
+    stage_file = out / "train_pruner" / "stage.json"
+    written = stage_file.read_bytes()
+    older = json.loads(written)
+    # as an older pnp wrote it: it had neither of these pruner settings
+    for key in ("budget_warmup", "target_lr"):
+        del older["config"]["pruner"][key]
+    stage_file.write_text(json.dumps(older))
+    results = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    try:
+        # every stage is done: nothing runs again and nothing is rewritten
+        run("pipeline", compose_config("pipeline", overrides), out)
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == results
+
+        with pytest.raises(StageConflictError, match=r"pruner\.target_lr \(new: 0\.001\)"):
+            run("pipeline", compose_config("pipeline", overrides + ["pruner.target_lr=0.001"]), out)
+    finally:
+        stage_file.write_bytes(written)
+
+
 def test_interrupted_stage_resumes_from_its_last_checkpoint(finished_run):
     from safetensors.torch import load_file
 

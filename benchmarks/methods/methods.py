@@ -36,11 +36,15 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from pnp.cli import stages
+from pnp.cli.config import setting_defaults
 from pnp.cli.loading import MODEL_DIR
 from pnp.core.artifacts import load_pruned
 from pnp.core.criteria import CriterionNotApplicableError
 from pnp.core.groups import ChannelGroups
 from pnp.training.runs import StageDir
+
+# each setting's default: stages written before a setting was added still resume and skip
+SETTING_DEFAULTS = setting_defaults()
 
 
 @dataclass
@@ -98,7 +102,7 @@ class LearnedPruner(Method):
         # pnp, pnp_learned and pnp_widths train the same pruner: one stage serves them all
         kept = round(100 * cfg.readout.budget)
         config = stages.what_config(cfg, "model", "data", "train", "pruner")
-        return {"train_pruner": StageDir(directory / f"pruner-k{kept:02d}", "train_pruner", config)}
+        return {"train_pruner": StageDir(directory / f"pruner-k{kept:02d}", "train_pruner", config, defaults=SETTING_DEFAULTS)}
 
     def choose(self, ctx):
         stage = ctx.dirs["train_pruner"]
@@ -137,7 +141,7 @@ class Slimming(Criterion):
     sections = ("slim",)
 
     def preparation(self, cfg, directory):
-        return {"slim": StageDir(directory / "slim", "slim", stages.what_config(cfg, "model", "data", "train", "slim"))}
+        return {"slim": StageDir(directory / "slim", "slim", stages.what_config(cfg, "model", "data", "train", "slim"), defaults=SETTING_DEFAULTS)}
 
     def choose(self, ctx):
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ctx.baseline.modules()):

@@ -295,6 +295,15 @@ SCHEMAS = {
 }
 
 
+def setting_defaults() -> dict:
+    """Every setting a stage records, at its default (the pipeline's schema holds them all).
+
+    Stages compare their config with the one a previous run recorded; a setting that run
+    did not know, left at this default, is no change (see :class:`pnp.training.runs.StageDir`).
+    """
+    return OmegaConf.to_container(OmegaConf.structured(PipelineCommand), resolve=False)
+
+
 def register_schemas() -> None:
     """Put each command's schema in Hydra's ConfigStore as ``schema/<command>``."""
     store = ConfigStore.instance()

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from pnp.cli.config import ConfigError, InputError, pruner_sparsity_weight
+from pnp.cli.config import ConfigError, InputError, pruner_sparsity_weight, setting_defaults
 from pnp.cli.loading import MODEL_DIR, load_pruned_model, load_target
 from pnp.training.runs import INTERRUPTED_CHECKPOINT, StageDir, is_global_zero
 from pnp.core.artifacts import CHANNELS_FILE, load_pruned, save_pruned
@@ -231,7 +231,7 @@ def stage_dir(path: Path, name: str, config: dict, data: Data) -> StageDir:
     """
     content = [{k: v for k, v in f.items() if k != "path"} | {"name": Path(f["path"]).name} for f in data.module.files]
     return StageDir(path, name, {**config, "data_content": content}, outputs=OUTPUTS[name],
-                    record={"data_files": data.module.files})
+                    record={"data_files": data.module.files}, defaults=setting_defaults())
 
 
 # what Lightning reads back from a checkpoint it resumes from

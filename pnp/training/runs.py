@@ -6,7 +6,9 @@ and ``report.json`` once it has finished. Running a stage again in the same
 directory skips it when it finished with the same config, resumes it from
 ``checkpoints/last.ckpt`` (every epoch) or ``checkpoints/interrupted.ckpt`` (written
 when SIGINT or SIGTERM stops it) when it was interrupted, and refuses when the config
-differs, so earlier results are never overwritten by a different experiment.
+differs, so earlier results are never overwritten by a different experiment. A
+setting added to pnp after the stage ran counts as no change while it is left at its
+default, so a newer pnp resumes and skips the stages an older one wrote.
 """
 
 from __future__ import annotations
@@ -101,17 +103,23 @@ def is_global_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+_NO_DEFAULT = object()
+
+
+def _differences(old: Any, new: Any, defaults: Any = None, prefix: str = "") -> list[str]:
+    """What changed from ``old`` to ``new``; a key only ``new`` has, at its value in ``defaults``, is no change."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
+        defaults = defaults if isinstance(defaults, Mapping) else {}
         out = []
         for key in sorted(set(old) | set(new), key=str):
             where = f"{prefix}.{key}" if prefix else str(key)
             if key not in old:
-                out.append(f"{where} (new: {_short(new[key])})")
+                if new[key] != defaults.get(key, _NO_DEFAULT):
+                    out.append(f"{where} (new: {_short(new[key])})")
             elif key not in new:
                 out.append(f"{where} (was {_short(old[key])})")
             else:
-                out += _differences(old[key], new[key], where)
+                out += _differences(old[key], new[key], defaults.get(key), where)
         return out
     return [] if old == new else [f"{prefix}: {_short(old)} -> {_short(new)}"]
 
@@ -132,6 +140,10 @@ class StageDir:
     outputs: tuple[str, ...] = ()
     # more for stage.json that is not compared between runs (e.g. where the data files were)
     record: dict = field(default_factory=dict)
+    # each setting's default, shaped as ``config``: a setting added to pnp since the stage ran
+    # (so missing from its stage.json) and left at its default is no change, since options
+    # are added with defaults that keep what pnp did before
+    defaults: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -191,7 +203,7 @@ class StageDir:
                 )
             return "new"
         # a JSON round trip makes tuples lists, as in the stored copy
-        diffs = _differences(previous, json.loads(json.dumps(self.config)))
+        diffs = _differences(previous, json.loads(json.dumps(self.config)), json.loads(json.dumps(self.defaults)))
         if diffs:
             shown = "; ".join(diffs[:6]) + ("; ..." if len(diffs) > 6 else "")
             raise StageConflictError(
