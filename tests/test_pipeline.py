@@ -176,26 +176,39 @@ def test_rerun_skips_finished_stages_and_refuses_a_changed_config(finished_run):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_stages_written_before_a_setting_existed_are_kept_while_it_stays_at_its_default(finished_run):
-    """A newer pnp that added a setting resumes and skips an older run's stages, unless the setting is changed."""
+def test_stages_written_before_a_setting_existed_are_kept_while_it_keeps_what_pnp_did_then(finished_run):
+    """A newer pnp that added a setting resumes and skips an older run's stages while the setting does what pnp did before."""
     out, overrides, _ = finished_run
-    stage_file = out / "train_pruner" / "stage.json"
-    written = stage_file.read_bytes()
-    older = json.loads(written)
-    # as an older pnp wrote it: it had neither of these pruner settings
-    for key in ("budget_warmup", "target_lr"):
-        del older["config"]["pruner"][key]
-    stage_file.write_text(json.dumps(older))
-    results = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    stage_files = sorted(out.glob("*/stage.json"))
+    written = {f: f.read_bytes() for f in stage_files}
+
+    def as_older_pnp_wrote_them(*missing):
+        for f in stage_files:
+            older = json.loads(written[f])
+            for key in missing:
+                older["config"].get("pruner", {}).pop(key, None)
+            f.write_text(json.dumps(older))
+
     try:
-        # every stage is done: nothing runs again and nothing is rewritten
+        # an added setting at its default, which keeps what pnp did before it: nothing runs again
+        as_older_pnp_wrote_them("target_lr")
+        results = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
         run("pipeline", compose_config("pipeline", overrides), out)
         assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == results
-
         with pytest.raises(StageConflictError, match=r"pruner\.target_lr \(new: 0\.001\)"):
             run("pipeline", compose_config("pipeline", overrides + ["pruner.target_lr=0.001"]), out)
+
+        # the budget warmup was off before it existed and is on by default now: the stages an
+        # older pnp wrote were made without it, so today's default is a changed config
+        as_older_pnp_wrote_them("budget_warmup")
+        results = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+        with pytest.raises(StageConflictError, match=r"pruner\.budget_warmup \(new: 0\.5\)"):
+            run("pipeline", compose_config("pipeline", overrides), out)
+        run("pipeline", compose_config("pipeline", overrides + ["pruner.budget_warmup=0"]), out)
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == results
     finally:
-        stage_file.write_bytes(written)
+        for f, content in written.items():
+            f.write_bytes(content)
 
 
 def test_interrupted_stage_resumes_from_its_last_checkpoint(finished_run):
@@ -294,12 +307,15 @@ def test_an_adapting_target_is_refused_a_negative_rate(tmp_path):
         run("pipeline", cfg, tmp_path / "run")
 
 
-def test_a_budget_warmup_without_a_budget_is_refused(tmp_path):
-    from pnp.cli.config import ConfigError
+def test_the_budget_warmup_is_on_by_default_and_does_nothing_without_a_budget(tmp_path):
+    from pnp.cli.config import pruner_budget_warmup, validate
 
-    cfg = compose_config("pipeline", [f"out_dir={tmp_path / 'run'}", "readout.budget=null", "pruner.budget_warmup=0.3"])
-    with pytest.raises(ConfigError, match=r"^pruner\.budget_warmup=0\.3: needs a budget"):
-        run("pipeline", cfg, tmp_path / "run")
+    with_budget = compose_config("pipeline", [f"out_dir={tmp_path / 'run'}"])
+    assert pruner_budget_warmup(with_budget.pruner) == 0.5
+    # nothing to fall to: accepted, and the pruner trains without a warmup
+    without = compose_config("pipeline", [f"out_dir={tmp_path / 'run'}", "readout.budget=null"])
+    validate(without, "pipeline")
+    assert without.pruner.budget is None and pruner_budget_warmup(without.pruner) == 0.0
 
 
 @pytest.mark.parametrize("epochs, min_steps, batches, expected", [

@@ -36,15 +36,15 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from pnp.cli import stages
-from pnp.cli.config import setting_defaults
+from pnp.cli.config import settings_before_added
 from pnp.cli.loading import MODEL_DIR
 from pnp.core.artifacts import load_pruned
 from pnp.core.criteria import CriterionNotApplicableError
 from pnp.core.groups import ChannelGroups
 from pnp.training.runs import StageDir
 
-# each setting's default: stages written before a setting was added still resume and skip
-SETTING_DEFAULTS = setting_defaults()
+# each setting as pnp ran before it existed: stages written before then still resume and skip
+SETTINGS_BEFORE_ADDED = settings_before_added()
 
 
 @dataclass
@@ -102,7 +102,7 @@ class LearnedPruner(Method):
         # pnp, pnp_learned and pnp_widths train the same pruner: one stage serves them all
         kept = round(100 * cfg.readout.budget)
         config = stages.what_config(cfg, "model", "data", "train", "pruner")
-        return {"train_pruner": StageDir(directory / f"pruner-k{kept:02d}", "train_pruner", config, defaults=SETTING_DEFAULTS)}
+        return {"train_pruner": StageDir(directory / f"pruner-k{kept:02d}", "train_pruner", config, defaults=SETTINGS_BEFORE_ADDED)}
 
     def choose(self, ctx):
         stage = ctx.dirs["train_pruner"]
@@ -141,7 +141,7 @@ class Slimming(Criterion):
     sections = ("slim",)
 
     def preparation(self, cfg, directory):
-        return {"slim": StageDir(directory / "slim", "slim", stages.what_config(cfg, "model", "data", "train", "slim"), defaults=SETTING_DEFAULTS)}
+        return {"slim": StageDir(directory / "slim", "slim", stages.what_config(cfg, "model", "data", "train", "slim"), defaults=SETTINGS_BEFORE_ADDED)}
 
     def choose(self, ctx):
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in ctx.baseline.modules()):

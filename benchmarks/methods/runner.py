@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from methods.environment import code_version
-from methods.methods import METHODS, SETTING_DEFAULTS, Context
+from methods.methods import METHODS, SETTINGS_BEFORE_ADDED, Context
 from methods.profiles import Entry, Profile, SlimConfig
 from pnp.cli import stages
 from pnp.cli.config import ConfigError, config_dir, register_schemas, validate
@@ -224,18 +224,18 @@ def plan(base: DictConfig, entry: Entry, seed: int, method: str, removed: float,
     cfg = run_recipe(base, entry, method, seed, removed, options)
     root = stage_root(options.out, entry, seed)
     record = record_path(options.out, entry, method, removed, seed)
-    dirs = {"train": StageDir(root / "baseline", "train", stages.what_config(cfg, "model", "data", "train"), defaults=SETTING_DEFAULTS)}
+    dirs = {"train": StageDir(root / "baseline", "train", stages.what_config(cfg, "model", "data", "train"), defaults=SETTINGS_BEFORE_ADDED)}
     if not m.prunes:  # the baseline itself is fine-tuned
         config = stages.what_config(cfg, "model", "data", "train", "finetune", method=method)
-        dirs["finetune"] = StageDir(root / method / "finetune", "finetune", config, defaults=SETTING_DEFAULTS)
+        dirs["finetune"] = StageDir(root / method / "finetune", "finetune", config, defaults=SETTINGS_BEFORE_ADDED)
         return Run(entry, seed, method, removed, cfg, dirs, record, options.out)
     run_dir = root / f"{method}-r{round(removed * 100):02d}"
     # each stage's record holds everything upstream of it, so a stale stage is refused, not reused
     sections = ("model", "data", "train", *m.sections, "readout")
     chosen_by = {"method": method, "verify": cfg.verify, "norm_samples": cfg.norm_samples, **({"criterion": m.criterion} if m.criterion else {})}
     dirs.update(m.preparation(cfg, root))
-    dirs["prune"] = StageDir(run_dir / "prune", "prune", stages.what_config(cfg, *sections, **chosen_by), defaults=SETTING_DEFAULTS)
-    dirs["finetune"] = StageDir(run_dir / "finetune", "finetune", stages.what_config(cfg, *sections, "finetune", **chosen_by), defaults=SETTING_DEFAULTS)
+    dirs["prune"] = StageDir(run_dir / "prune", "prune", stages.what_config(cfg, *sections, **chosen_by), defaults=SETTINGS_BEFORE_ADDED)
+    dirs["finetune"] = StageDir(run_dir / "finetune", "finetune", stages.what_config(cfg, *sections, "finetune", **chosen_by), defaults=SETTINGS_BEFORE_ADDED)
     return Run(entry, seed, method, removed, cfg, dirs, record, options.out)
 
 

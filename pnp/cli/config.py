@@ -137,8 +137,9 @@ class PrunerConfig:
     budget_metric: str = "flops"
     budget_weight: float = 1.0
     # > 0: the budget the pruner aims at falls from the whole model to `budget` over this share
-    # of its steps (cubic, fast at first), instead of holding it from the first step (0)
-    budget_warmup: float = 0.0
+    # of its steps (cubic, fast at first), instead of holding it from the first step (0);
+    # without a budget there is nothing to fall to and it does nothing
+    budget_warmup: float = 0.5
     kd_weight: float = 0.0
     kd_temperature: float = 4.0
     temperature: float = 1.0
@@ -162,6 +163,11 @@ class PrunerConfig:
     head_layer: Optional[str] = None
     # calibration samples whose keep probabilities are averaged for the read-out
     calibration_samples: int = 2048
+
+
+def pruner_budget_warmup(pruner: DictConfig) -> float:
+    """``pruner.budget_warmup`` where there is a budget to fall to; 0 without one."""
+    return float(pruner.budget_warmup) if pruner.budget is not None else 0.0
 
 
 def pruner_sparsity_weight(pruner: DictConfig) -> float:
@@ -295,13 +301,24 @@ SCHEMAS = {
 }
 
 
-def setting_defaults() -> dict:
-    """Every setting a stage records, at its default (the pipeline's schema holds them all).
+# settings whose default changed after they were added, at the value pnp ran with before
+# they existed: a stage that did not record one was made with this, not today's default
+BEFORE_ADDED = {"pruner": {"budget_warmup": 0.0}}
+
+
+def settings_before_added() -> dict:
+    """Every setting a stage records, at the value pnp ran with before the setting existed.
 
     Stages compare their config with the one a previous run recorded; a setting that run
-    did not know, left at this default, is no change (see :class:`pnp.training.runs.StageDir`).
+    did not know is no change where it is set to this value (see
+    :class:`pnp.training.runs.StageDir`). That is the setting's default (the pipeline's
+    schema holds them all: a setting is added with a default that keeps what pnp did),
+    except for the settings of :data:`BEFORE_ADDED`, whose default has changed since.
     """
-    return OmegaConf.to_container(OmegaConf.structured(PipelineCommand), resolve=False)
+    values = OmegaConf.to_container(OmegaConf.structured(PipelineCommand), resolve=False)
+    for section, settings in BEFORE_ADDED.items():
+        values[section].update(settings)
+    return values
 
 
 def register_schemas() -> None:
@@ -458,9 +475,6 @@ def _check_pruner(cfg: DictConfig) -> None:
     _choice(cfg, "pruner.budget_metric", BUDGET_METRICS)
     _number(cfg, "pruner.budget_weight", low=0)
     _number(cfg, "pruner.budget_warmup", low=0, high=1, high_open=True)
-    warmup = cfg.pruner.budget_warmup
-    _require(warmup == 0 or cfg.pruner.budget is not None, "pruner.budget_warmup", warmup,
-             "needs a budget to fall to: set readout.budget (or pruner.budget), or leave it at 0")
     _number(cfg, "pruner.kd_weight", low=0)
     _number(cfg, "pruner.kd_temperature", low=0, low_open=True)
     _number(cfg, "pruner.temperature", low=0, low_open=True)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from pnp.cli.config import ConfigError, InputError, pruner_sparsity_weight, setting_defaults
+from pnp.cli.config import ConfigError, InputError, pruner_budget_warmup, pruner_sparsity_weight, settings_before_added
 from pnp.cli.loading import MODEL_DIR, load_pruned_model, load_target
 from pnp.training.runs import INTERRUPTED_CHECKPOINT, StageDir, is_global_zero
 from pnp.core.artifacts import CHANNELS_FILE, load_pruned, save_pruned
@@ -231,7 +231,7 @@ def stage_dir(path: Path, name: str, config: dict, data: Data) -> StageDir:
     """
     content = [{k: v for k, v in f.items() if k != "path"} | {"name": Path(f["path"]).name} for f in data.module.files]
     return StageDir(path, name, {**config, "data_content": content}, outputs=OUTPUTS[name],
-                    record={"data_files": data.module.files}, defaults=setting_defaults())
+                    record={"data_files": data.module.files}, defaults=settings_before_added())
 
 
 # what Lightning reads back from a checkpoint it resumes from
@@ -414,7 +414,7 @@ def train_pruner(cfg: DictConfig, data: Data, stage: StageDir, state: str, targe
     module = PrunerModule(
         target, groups, task=task_of(data), lr=p.lr, trunk_lr=p.trunk_lr, target_lr=p.target_lr, weight_decay=p.weight_decay, epochs=epochs, sparsity=p.sparsity,
         sparsity_weight=pruner_sparsity_weight(p), budget=p.budget, budget_metric=p.budget_metric,
-        budget_weight=p.budget_weight, budget_warmup=p.budget_warmup, kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
+        budget_weight=p.budget_weight, budget_warmup=pruner_budget_warmup(p), kd_weight=p.kd_weight, kd_temperature=p.kd_temperature,
         temperature=p.temperature, init_keep=p.init_keep, noise=p.noise, mask_mode=p.mask_mode,
         input_samples=pruner_input_samples(p), norm_stats=p.norm_stats, head_layer=p.head_layer, channels_last=cfg.trainer.channels_last,
     )

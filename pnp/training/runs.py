@@ -140,9 +140,8 @@ class StageDir:
     outputs: tuple[str, ...] = ()
     # more for stage.json that is not compared between runs (e.g. where the data files were)
     record: dict = field(default_factory=dict)
-    # each setting's default, shaped as ``config``: a setting added to pnp since the stage ran
-    # (so missing from its stage.json) and left at its default is no change, since options
-    # are added with defaults that keep what pnp did before
+    # each setting as pnp ran before it existed, shaped as ``config``: a setting added to pnp
+    # since the stage ran (so missing from its stage.json) and set to that value is no change
     defaults: dict = field(default_factory=dict)
 
     def __post_init__(self):
