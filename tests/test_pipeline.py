@@ -113,6 +113,9 @@ def test_pipeline_writes_report_plots_logs_and_config(finished_run):
     signal = pruner["task_signal"]  # how much of the task the gated target still did when the pruner stopped
     assert signal["val_acc"] == pruner["metrics"]["val/acc"] and signal["chance"] == 10.0
     assert signal["low"] == (signal["val_acc"] < 32.5) and signal["adapting_target"] is False
+    # and whether its masks pruned past the budget they learned at (the read-out's, with its warmup)
+    assert signal["budget"] == 0.1 and signal["budget_warmup"] == 0.5  # the main job's readout.budget, and the default warmup
+    assert signal["under_budget"] == (signal["flops_kept"] < 0.5 * signal["budget"])
     prune = json.loads((out / "prune" / "report.json").read_text())
     inherit = prune["inherit"]  # weights inherited as the look-ahead chose: at the learned widths, or magnitude's own
     assert set(inherit["lookahead_accuracy"]) == {"learned", "magnitude", "widths:magnitude"}
@@ -348,3 +351,29 @@ def test_a_pruner_that_learned_against_a_target_near_chance_is_told_it_had_littl
     assert not task_signal({"val/acc": 55.0}, classes=10, adapts=False)["low"]
     # a run that never validated (no val/acc) is not flagged
     assert not task_signal({}, classes=10, adapts=False)["low"]
+
+
+def test_a_pruner_whose_masks_pruned_past_their_budget_is_told_the_option_that_holds_them():
+    from pnp.cli.stages import task_signal, task_signal_line
+
+    # ResNet-56 aimed at 10% of its FLOPs from the first step: its masks fell to 1.3%, its target to chance
+    collapsed = task_signal({"val/acc": 13.3, "val/flops_kept": 0.013}, classes=10, adapts=False, budget=0.1, warmup=0.0)
+    assert collapsed["under_budget"] and collapsed["low"]
+    line = task_signal_line(collapsed)
+    assert line.startswith("[pnp] the gated target ended the pruner's training at 13.3%")
+    assert "kept 1.3% of the FLOPs against a budget of 10.0%: they pruned past it" in line
+    assert "pruner.budget_warmup (0.5, the default)" in line and "pruner.target_lr" not in line
+    # the warmup already on: it is not suggested again, a gentler one or more steps are
+    warm = task_signal_line(task_signal({"val/acc": 13.3, "val/flops_kept": 0.013}, classes=10, adapts=False,
+                                        budget=0.1, warmup=0.5))
+    assert "(0.5, the default)" not in warm and "pruner.min_steps" in warm
+    # under the budget while the gated target still works: only the budget is named
+    working = task_signal_line(task_signal({"val/acc": 60.0, "val/flops_kept": 0.03}, classes=10, adapts=False, budget=0.1))
+    assert working.startswith("[pnp] the pruner's masks kept 3.0% of the FLOPs") and "task signal" not in working
+    # ResNet-20's masks back at the budget after dipping under it, its target working: nothing to say
+    held = task_signal({"val/acc": 52.1, "val/flops_kept": 0.098}, classes=10, adapts=False, budget=0.1)
+    assert not held["low"] and not held["under_budget"]
+    # half the budget is the line; without a budget (or one on parameters) masks are never under it
+    assert not task_signal({"val/flops_kept": 0.05}, classes=10, adapts=False, budget=0.1)["under_budget"]
+    assert task_signal({"val/flops_kept": 0.049}, classes=10, adapts=False, budget=0.1)["under_budget"]
+    assert not task_signal({"val/acc": 60.0, "val/flops_kept": 0.01}, classes=10, adapts=False)["under_budget"]
