@@ -373,7 +373,7 @@ def test_a_pruner_whose_masks_pruned_past_their_budget_is_told_the_option_that_h
     # ResNet-20's masks back at the budget after dipping under it, its target working: nothing to say
     held = task_signal({"val/acc": 52.1, "val/flops_kept": 0.098}, classes=10, adapts=False, budget=0.1)
     assert not held["low"] and not held["under_budget"]
-    # half the budget is the line; without a budget (or one on parameters) masks are never under it
+    # half the budget is the line; without a budget masks are never under it
     assert not task_signal({"val/flops_kept": 0.05}, classes=10, adapts=False, budget=0.1)["under_budget"]
     assert task_signal({"val/flops_kept": 0.049}, classes=10, adapts=False, budget=0.1)["under_budget"]
     assert not task_signal({"val/acc": 60.0, "val/flops_kept": 0.01}, classes=10, adapts=False)["under_budget"]

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from pnp.cli.config import ConfigError, InputError, pruner_budget_warmup, pruner_sparsity_weight, settings_before_added
+from pnp.cli.config import ConfigError, InputError, PrunerConfig, pruner_budget_warmup, pruner_sparsity_weight, settings_before_added
 from pnp.cli.loading import MODEL_DIR, load_pruned_model, load_target
 from pnp.training.runs import INTERRUPTED_CHECKPOINT, StageDir, is_global_zero
 from pnp.core.artifacts import CHANNELS_FILE, load_pruned, save_pruned
@@ -500,11 +500,12 @@ def task_signal_line(signal: dict) -> str:
         kept = "" if signal["flops_kept"] is None else f" with {100 * signal['flops_kept']:.1f}% of its FLOPs kept"
         parts.append(f"the gated target ended the pruner's training at {signal['val_acc']:.1f}% validation accuracy{kept} "
                      f"(chance {signal['chance']:.1f}%): the widths were learned with little task signal")
-    if signal.get("under_budget"):
+    if signal["under_budget"]:
         under = (f"the pruner's masks kept {100 * signal['flops_kept']:.1f}% of the FLOPs against a budget of "
                  f"{100 * signal['budget']:.1f}%: they pruned past it, and the read-out fills back to it in the order that left")
-        if not signal.get("budget_warmup"):
-            under += "; pruner.budget_warmup (0.5, the default) lowers the budget gradually so that they hold it (docs/method.md)"
+        if not signal["budget_warmup"]:
+            under += (f"; pruner.budget_warmup ({PrunerConfig.budget_warmup}, the default) lowers the budget gradually "
+                      "so that they hold it (docs/method.md)")
         else:
             under += "; a longer pruner.budget_warmup or more pruner steps (pruner.min_steps) lowers it more gently"
         parts.append(under)
