@@ -16,6 +16,7 @@ among them fine-tunes the baseline by the same schedule, nothing cut, once per m
     python benchmarks/bench_methods.py --profile full --device cuda --cifar10-root DIR
     python benchmarks/bench_methods.py --models lenet5 --methods pnp l1 --budgets 0.7 --seeds 0
     python benchmarks/bench_methods.py --set resnet20:finetune.epochs=3 --set report.latency_repeats=20
+    python benchmarks/bench_methods.py --profile standard --report-only --out DIR --confidence 0.975  # a second look
 
 ``--set`` takes an OmegaConf dotlist item of the recipe (``KEY=VALUE`` for every model,
 ``MODEL:KEY=VALUE`` for one), or of ``slim.*`` (Network Slimming's sparsity training).
@@ -23,8 +24,8 @@ Writes, under --out: each run's stages (``stages/``: a finished stage is reused,
 interrupted one resumes, one with other settings is refused), one record per run
 (``runs/<model>-<dataset>/<method>-r<removed %>-s<seed>.json``), ``results.json`` (every
 record, the machine, the commit, pnp's paired differences), ``table.md`` (mean ± std over
-seeds; pnp against the best criterion, paired by seed, with a 95% interval; accuracy before
-fine-tuning; times) and ``accuracy_vs_flops.png``.
+seeds; pnp against the best criterion, paired by seed, with a 95% interval, or
+``--confidence``'s; accuracy before fine-tuning; times) and ``accuracy_vs_flops.png``.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="[MODEL:]KEY=VALUE",
                         help="override the recipe, e.g. finetune.epochs=3 or resnet20:train.lr=0.05")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.json, table.md and the plot")
+    parser.add_argument("--confidence", type=float, default=0.95,
+                        help="of pnp's paired interval against the best criterion (0.95; e.g. 0.975 for a second "
+                             "look at seeds already read)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="run the seeds in this many processes side by side, each with its share of the CPU "
                              "threads unless OMP_NUM_THREADS is set; the reports are written once all have ended")
@@ -144,6 +148,9 @@ def main(argv=None) -> dict:
     try:
         if args.jobs < 1:
             raise BenchmarkError(f"--jobs {args.jobs}: must be at least 1 (the number of processes side by side)")
+        if not 0 < args.confidence < 1:
+            raise BenchmarkError(f"--confidence {args.confidence}: must be between 0 and 1, "
+                                 "e.g. 0.95 for a 95% interval")
         if args.device == "cuda" and not torch.cuda.is_available():
             raise BenchmarkError("--device cuda, but torch sees no CUDA device; use --device cpu")
         bench = resolve(PROFILES[args.profile], args.set, options, models=args.models, methods=args.methods,
@@ -157,7 +164,7 @@ def main(argv=None) -> dict:
                 sys.exit(status)
         if args.no_reports:
             return {}
-        results = write_reports(bench.profile, args.profile, args.out, args.device)
+        results = write_reports(bench.profile, args.profile, args.out, args.device, args.confidence)
         if status:
             print(f"bench_methods: a worker process failed (exit status {status}); its output is above. "
                   "The reports hold the runs that finished", file=sys.stderr, flush=True)

@@ -351,6 +351,7 @@ def test_bench_methods_refuses_bad_settings(tmp_path):
         (["--set", "alexnet:train.lr=1"], "'alexnet' is not a model of this profile"),
         (["--set", "seed=3"], "--seeds"),
         (["--models", "alexnet"], "alexnet"),
+        (["--confidence", "1.5"], r"--confidence 1\.5: must be between 0 and 1"),
     ):
         with pytest.raises(SystemExit, match=message):
             bench.main(["--profile", "quick", "--out", str(tmp_path), "--report-only", *argv])
@@ -579,6 +580,41 @@ def test_pnp_is_compared_with_the_best_criterion_paired_by_seed(pnp, verdict, in
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[4:] == ["5", f"{sum(pnp) / 5:+.2f} [{interval[0]:+.2f}, {interval[1]:+.2f}]", f"{min(pnp):+.2f}",
                          verdict if verdict == "level" else f"**{verdict}**"]
+
+
+def test_a_second_look_reads_a_wider_interval_that_can_turn_ahead_into_level(tmp_path):
+    """--confidence 0.975 (a second look at seeds already read): t's 0.9875 quantile, in the table and results.json."""
+    bench = _bench_module()
+    from methods.tables import against_best, t_975, t_quantile
+
+    assert t_quantile(0.975, 9) == t_975(9)  # a 95% interval reads the table
+    for p, df, expected in ((0.95, 1, 6.314), (0.95, 9, 1.833), (0.95, 30, 1.697),  # Student's t quantiles
+                            (0.9875, 4, 3.495), (0.9875, 9, 2.685), (0.9875, 19, 2.433), (0.995, 9, 3.250)):
+        assert t_quantile(p, df) == pytest.approx(expected, abs=1e-3)
+    with pytest.raises(ValueError, match="p=1.0"):
+        t_quantile(1.0, 5)
+
+    # mean 0.35, sd 0.447: 2.47 standard errors, between t(0.975, 9) = 2.262 and t(0.9875, 9) = 2.685
+    pnp = [0.95, -0.25, 0.65, -0.05, 0.85, 0.05, 0.55, -0.15, 0.75, 0.15]
+    records = _records({"magnitude": [0.0] * 10, "taylor": [-1.0] * 10, "pnp": pnp})
+    at_95, at_975 = against_best(records), against_best(records, confidence=0.975)
+    half = lambda p: (p.interval[1] - p.interval[0]) / 2  # noqa: E731
+    assert half(at_975) / half(at_95) == pytest.approx(2.685 / 2.262, rel=1e-3)
+    assert (at_95.verdict, at_975.verdict) == ("ahead", "level")
+
+    out = tmp_path / "out"
+    for r in records:
+        path = out / "runs" / f"{r['model']}-{r['dataset']}" / f"{r['method']}-r50-s{r['seed']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    argv = ["--profile", "quick", "--out", str(out), "--report-only", "--models", "resnet20", "--methods", "pnp",
+            "magnitude", "taylor", "--budgets", "0.5", "--seeds", *map(str, range(10))]
+    found = bench.main(argv + ["--confidence", "0.975"])["pnp_against_best"]
+    assert [(p["confidence"], p["verdict"]) for p in found] == [(0.975, "level")]
+    table = (out / "table.md").read_text()
+    assert "97.5% t-interval (mean ± t(0.9875, n−1)" in table and "pnp − best, mean [97.5% CI]" in table
+    assert bench.main(argv)["pnp_against_best"][0]["verdict"] == "ahead"
+    assert "pnp − best, mean [95% CI]" in (out / "table.md").read_text()
 
 
 def test_table_reports_accuracy_before_fine_tuning_and_times_against_the_criteria():

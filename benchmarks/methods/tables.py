@@ -2,7 +2,8 @@
 
 Besides each method's mean ± std over seeds, the table says whether pnp is ahead of
 the best criterion of each row: the difference paired by seed (each seed's methods
-share one baseline), with a 95% t-interval over seeds and the worst seed.
+share one baseline), with a t-interval over seeds (95% unless ``--confidence`` says otherwise)
+and the worst seed.
 """
 
 from __future__ import annotations
@@ -36,14 +37,43 @@ def t_975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
+def t_quantile(p: float, df: int) -> float:
+    """Student's t ``p`` quantile (0.5 < p < 1) for ``df`` degrees of freedom: the table's for 0.975,
+    otherwise the root of the t distribution's CDF (Simpson's rule on its density, then bisection; within 1e-4)."""
+    if not 0.5 < p < 1:
+        raise ValueError(f"p={p}: a two-sided interval needs a quantile between 0.5 and 1")
+    if abs(p - 0.975) < 1e-12:
+        return t_975(df)
+    if df < 1:
+        raise ValueError(f"df={df}: a t-interval needs at least 1 degree of freedom (2 paired seeds)")
+    scale = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def density(x: float) -> float:
+        return scale * (1 + x * x / df) ** (-(df + 1) / 2)
+
+    def cdf(x: float, steps: int = 2000) -> float:  # P(T <= x) for x >= 0
+        h = x / steps
+        total = density(0.0) + density(x) + sum(density(i * h) * (4 if i % 2 else 2) for i in range(1, steps))
+        return 0.5 + total * h / 3
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:
+        low, high = high, high * 2
+    while high - low > 1e-6:
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < p else (low, mid)
+    return (low + high) / 2
+
+
 @dataclass(frozen=True)
 class PairedDifference:
-    """``method`` minus ``rival`` in test accuracy, seed by seed: their mean, 95% t-interval and the worst seed."""
+    """``method`` minus ``rival`` in test accuracy, seed by seed: their mean, t-interval and the worst seed."""
 
     method: str
     rival: str
     seeds: tuple[int, ...]
     diffs: tuple[float, ...]  # percentage points, one per seed
+    confidence: float = 0.95  # of the two-sided interval
 
     @property
     def n(self) -> int:
@@ -55,10 +85,10 @@ class PairedDifference:
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        """mean ± t(0.975, n-1) * sd / sqrt(n); None with one seed."""
+        """mean ± t((1 + confidence) / 2, n-1) * sd / sqrt(n); None with one seed."""
         if self.n < 2:
             return None
-        half = t_975(self.n - 1) * statistics.stdev(self.diffs) / math.sqrt(self.n)
+        half = t_quantile((1 + self.confidence) / 2, self.n - 1) * statistics.stdev(self.diffs) / math.sqrt(self.n)
         return self.mean - half, self.mean + half
 
     @property
@@ -79,16 +109,18 @@ class PairedDifference:
                 "verdict": self.verdict}
 
 
-def paired_difference(records: list[dict], method: str, rival: str) -> PairedDifference | None:
+def paired_difference(records: list[dict], method: str, rival: str,
+                      confidence: float = 0.95) -> PairedDifference | None:
     """``method`` minus ``rival`` over the seeds both have a record of (``records``: one model, dataset and budget)."""
     accuracy = {m: {r["seed"]: r["accuracy"] for r in records if r["method"] == m} for m in (method, rival)}
     seeds = tuple(sorted(set(accuracy[method]) & set(accuracy[rival])))
     if not seeds:
         return None
-    return PairedDifference(method, rival, seeds, tuple(accuracy[method][s] - accuracy[rival][s] for s in seeds))
+    return PairedDifference(method, rival, seeds, tuple(accuracy[method][s] - accuracy[rival][s] for s in seeds),
+                            confidence)
 
 
-def against_best(records: list[dict], method: str = PNP) -> PairedDifference | None:
+def against_best(records: list[dict], method: str = PNP, confidence: float = 0.95) -> PairedDifference | None:
     """``method`` against the best criterion (highest mean accuracy) in ``records`` of one model, dataset and budget.
 
     The rivals are the criteria (``Method.criterion``): not pnp's other form, nor the control, which cuts nothing.
@@ -100,7 +132,7 @@ def against_best(records: list[dict], method: str = PNP) -> PairedDifference | N
     if not by_method:
         return None
     best = max(by_method, key=lambda m: statistics.fmean(by_method[m]))
-    return paired_difference(records, method, best)
+    return paired_difference(records, method, best, confidence)
 
 
 def collect_records(out: Path, profile: Profile) -> tuple[list[dict], list[dict]]:
@@ -146,7 +178,7 @@ def summarize(records: list[dict]) -> dict[tuple, dict]:
     return out
 
 
-def comparisons(records: list[dict]) -> dict[tuple, PairedDifference]:
+def comparisons(records: list[dict], confidence: float = 0.95) -> dict[tuple, PairedDifference]:
     """pnp against the best criterion, per (model, dataset, budget) where both have records."""
     rows: dict[tuple, list[dict]] = {}
     for (model, dataset, budget, method), rs in cells_of(records).items():
@@ -154,7 +186,7 @@ def comparisons(records: list[dict]) -> dict[tuple, PairedDifference]:
             rows.setdefault((model, dataset, budget), []).extend(rs)
     out = {}
     for row, rs in sorted(rows.items()):
-        paired = against_best(rs) if any(r["method"] == PNP for r in rs) else None
+        paired = against_best(rs, confidence=confidence) if any(r["method"] == PNP for r in rs) else None
         if paired is not None:
             out[row] = paired
     return out
@@ -179,7 +211,8 @@ def _runs(n: int) -> str:
     return f"{n} run" + ("s" if n != 1 else "")
 
 
-def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[dict], env: dict, profile_name: str) -> str:
+def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[dict], env: dict, profile_name: str,
+                 confidence: float = 0.95) -> str:
     """Markdown: accuracy (mean ± std over seeds), pnp's paired difference to the best criterion,
     accuracy before fine-tuning, and each method's time."""
     summary = summarize(records)
@@ -233,12 +266,14 @@ def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[di
     lines += table(["model", "data", "FLOPs removed", "baseline", *labels(controls + pruning), "FLOPs kept (measured)"],
                    body)
 
-    paired = comparisons(records)
+    paired = comparisons(records, confidence)
+    level = f"{100 * confidence:g}%"
     if paired:
         lines += [
             "",
             "pnp against the best criterion of each row (highest mean; pnp's other form and the control left out), "
-            "paired by seed: the mean of pnp − best over seeds with its 95% t-interval (mean ± t(0.975, n−1)·sd/√n), "
+            f"paired by seed: the mean of pnp − best over seeds with its {level} t-interval "
+            f"(mean ± t({(1 + confidence) / 2:g}, n−1)·sd/√n), "
             "the worst seed's difference (points), and **ahead** only when the whole interval is above 0, "
             "**behind** when below it, level otherwise.",
             "",
@@ -249,7 +284,7 @@ def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[di
             verdict = p.verdict if p.verdict in ("level", "one seed") else f"**{p.verdict}**"
             body.append([model, dataset, f"{budget:.0%}", METHODS[p.rival].label, str(p.n), f"{p.mean:+.2f} {interval}",
                          f"{p.worst:+.2f}", verdict])
-        lines += table(["model", "data", "FLOPs removed", "best criterion", "n", "pnp − best, mean [95% CI]",
+        lines += table(["model", "data", "FLOPs removed", "best criterion", "n", f"pnp − best, mean [{level} CI]",
                         "worst seed", "verdict"], body)
 
     lines += ["", "Test accuracy (%) before fine-tuning (the model as surgery cut it), mean over seeds; best of each "
@@ -328,18 +363,22 @@ def plot_methods(records: list[dict], methods: tuple[str, ...], path: Path) -> P
     return save_png(fig, path)
 
 
-def write_reports(profile: Profile, profile_name: str, out: Path, device: str) -> dict:
-    """``results.json``, and with records ``table.md`` and ``accuracy_vs_flops.png``, from the run records under ``out``."""
+def write_reports(profile: Profile, profile_name: str, out: Path, device: str, confidence: float = 0.95) -> dict:
+    """``results.json``, and with records ``table.md`` and ``accuracy_vs_flops.png``, from the run records under ``out``.
+
+    ``confidence``: of the paired intervals (0.95; e.g. 0.975 for a second look at a question already read).
+    """
     records, skipped = collect_records(out, profile)
     env = environment(device)
-    paired = [{"model": m, "dataset": d, "budget": b, **p.to_dict()} for (m, d, b), p in comparisons(records).items()]
+    paired = [{"model": m, "dataset": d, "budget": b, **p.to_dict()}
+              for (m, d, b), p in comparisons(records, confidence).items()]
     results = {
         "profile": profile_name, "settings": asdict(profile), "environment": env,
         "records": records, "not_applicable": skipped, "pnp_against_best": paired,
     }
     write_json_atomic(out / "results.json", results)
     if records:
-        table = format_table(records, profile.methods, skipped, env, profile_name)
+        table = format_table(records, profile.methods, skipped, env, profile_name, confidence)
         write_text_atomic(out / "table.md", table)
         plot_methods(records, profile.methods, out / "accuracy_vs_flops.png")
         print(table)
