@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the methods package 
 from methods.methods import METHODS  # noqa: E402
 from methods.profiles import PROFILES  # noqa: E402
 from methods.runner import BenchmarkError, Options, resolve, run_benchmark  # noqa: E402
-from methods.tables import write_reports  # noqa: E402
+from methods.tables import CONFIDENCE, write_reports  # noqa: E402
 from pnp.training.runs import RESUME_HINT, interrupted_status, interrupts_recorded, script_main  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "methods"
@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="[MODEL:]KEY=VALUE",
                         help="override the recipe, e.g. finetune.epochs=3 or resnet20:train.lr=0.05")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.json, table.md and the plot")
-    parser.add_argument("--confidence", type=float, default=0.95,
+    parser.add_argument("--confidence", type=float, default=CONFIDENCE,
                         help="of pnp's paired interval against the best criterion (0.95; e.g. 0.975 for a second "
                              "look at seeds already read)")
     parser.add_argument("--jobs", type=int, default=1,

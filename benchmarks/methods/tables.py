@@ -8,6 +8,7 @@ and the worst seed.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections import Counter
@@ -20,6 +21,8 @@ from methods.profiles import Profile
 from pnp.core.io import read_json, write_json_atomic, write_text_atomic
 
 PNP = "pnp"
+# of the paired two-sided interval, unless a reading asks for another (``--confidence``)
+CONFIDENCE = 0.95
 # Student's t 0.975 quantiles (a two-sided 95% interval) for 1 to 30 degrees of freedom
 T_975 = (
     12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -37,6 +40,7 @@ def t_975(df: int) -> float:
     return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
 
 
+@functools.lru_cache(maxsize=None)  # an interval is read several times per row; each root costs ~50k densities
 def t_quantile(p: float, df: int) -> float:
     """Student's t ``p`` quantile (0.5 < p < 1) for ``df`` degrees of freedom: the table's for 0.975,
     otherwise the root of the t distribution's CDF (Simpson's rule on its density, then bisection; within 1e-4)."""
@@ -73,7 +77,7 @@ class PairedDifference:
     rival: str
     seeds: tuple[int, ...]
     diffs: tuple[float, ...]  # percentage points, one per seed
-    confidence: float = 0.95  # of the two-sided interval
+    confidence: float = CONFIDENCE  # of the two-sided interval
 
     @property
     def n(self) -> int:
@@ -110,7 +114,7 @@ class PairedDifference:
 
 
 def paired_difference(records: list[dict], method: str, rival: str,
-                      confidence: float = 0.95) -> PairedDifference | None:
+                      confidence: float = CONFIDENCE) -> PairedDifference | None:
     """``method`` minus ``rival`` over the seeds both have a record of (``records``: one model, dataset and budget)."""
     accuracy = {m: {r["seed"]: r["accuracy"] for r in records if r["method"] == m} for m in (method, rival)}
     seeds = tuple(sorted(set(accuracy[method]) & set(accuracy[rival])))
@@ -120,7 +124,7 @@ def paired_difference(records: list[dict], method: str, rival: str,
                             confidence)
 
 
-def against_best(records: list[dict], method: str = PNP, confidence: float = 0.95) -> PairedDifference | None:
+def against_best(records: list[dict], method: str = PNP, confidence: float = CONFIDENCE) -> PairedDifference | None:
     """``method`` against the best criterion (highest mean accuracy) in ``records`` of one model, dataset and budget.
 
     The rivals are the criteria (``Method.criterion``): not pnp's other form, nor the control, which cuts nothing.
@@ -178,7 +182,7 @@ def summarize(records: list[dict]) -> dict[tuple, dict]:
     return out
 
 
-def comparisons(records: list[dict], confidence: float = 0.95) -> dict[tuple, PairedDifference]:
+def comparisons(records: list[dict], confidence: float = CONFIDENCE) -> dict[tuple, PairedDifference]:
     """pnp against the best criterion, per (model, dataset, budget) where both have records."""
     rows: dict[tuple, list[dict]] = {}
     for (model, dataset, budget, method), rs in cells_of(records).items():
@@ -212,7 +216,7 @@ def _runs(n: int) -> str:
 
 
 def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[dict], env: dict, profile_name: str,
-                 confidence: float = 0.95) -> str:
+                 confidence: float = CONFIDENCE) -> str:
     """Markdown: accuracy (mean ± std over seeds), pnp's paired difference to the best criterion,
     accuracy before fine-tuning, and each method's time."""
     summary = summarize(records)
@@ -363,7 +367,7 @@ def plot_methods(records: list[dict], methods: tuple[str, ...], path: Path) -> P
     return save_png(fig, path)
 
 
-def write_reports(profile: Profile, profile_name: str, out: Path, device: str, confidence: float = 0.95) -> dict:
+def write_reports(profile: Profile, profile_name: str, out: Path, device: str, confidence: float = CONFIDENCE) -> dict:
     """``results.json``, and with records ``table.md`` and ``accuracy_vs_flops.png``, from the run records under ``out``.
 
     ``confidence``: of the paired intervals (0.95; e.g. 0.975 for a second look at a question already read).
