@@ -164,6 +164,38 @@ def test_distilled_lookahead_runs_the_teacher_once_for_all_candidates(setup):
                            teacher_outputs=kept)
 
 
+def test_lookahead_reads_the_teachers_logits_from_batches_that_carry_them(setup):
+    """Batches with a third item (the teacher's logits, computed once for the run's fine-tuning too) train the
+    candidate as the teacher's own pass does, and the teacher does not run; other logits train it otherwise."""
+    model, example, groups, keep, train_loader, held_out = setup
+    (k,) = candidate_keeps(model, groups, keep, ["l1"])[0].values()
+    x, y = train_loader().dataset.tensors
+    with torch.no_grad():
+        logits = model.eval()(x)
+
+    def carrying(outputs):
+        return DataLoader(TensorDataset(x, y, outputs), batch_size=32, shuffle=True,
+                          generator=torch.Generator().manual_seed(0))
+
+    def trained(loader, teacher):  # the candidate's accuracy and its weights after the look-ahead
+        pruned = apply_surgery(copy.deepcopy(model), groups, k, example, verify=False)
+        accuracy = lookahead_accuracy(pruned, loader, held_out, steps=20, lr=0.1, teacher=teacher, kd_weight=3.0,
+                                      channels_last=False)
+        return accuracy, torch.cat([p.detach().flatten() for p in pruned.parameters()])
+
+    teacher, runs = copy.deepcopy(model), []
+    teacher.register_forward_hook(lambda *_: runs.append(1))
+    live = trained(train_loader(), teacher)
+    assert len(runs) == 20  # once a step
+    runs.clear()
+    carried = trained(carrying(logits), teacher)
+    assert runs == []  # the teacher never ran
+    assert carried[0] == live[0]
+    torch.testing.assert_close(carried[1], live[1])
+    other = trained(carrying(-logits), teacher)[1]  # the carried logits are what it learns from
+    assert not torch.allclose(other, live[1], atol=1e-3)
+
+
 def test_a_criterions_own_widths_compete_with_the_learned_widths(setup):
     """A rival (a criterion's read-out, with widths of its own) is scored after the candidates at the learned
     widths; when it fine-tunes better, its decisions are taken as they are, widths and all."""

@@ -132,8 +132,13 @@ def test_pipeline_writes_report_plots_logs_and_config(finished_run):
     assert {"train/loss_epoch", "val/acc"} <= _tensorboard_tags(out / "train" / "tb")
     assert {"train/sparsity_loss_epoch", "train/flops_kept_epoch"} <= _tensorboard_tags(out / "train_pruner" / "tb")
     assert "train/kd_loss_epoch" in _tensorboard_tags(out / "finetune" / "tb")
-    # unaugmented data: the teacher's logits were computed once, not at every step
-    assert json.loads((out / "finetune" / "report.json").read_text())["teacher_outputs"] == "computed once"
+    # unaugmented data: the teacher's logits were computed once, not at every step, and once for the run: the
+    # look-ahead before the fine-tuning read them too, and the pass counts as the fine-tuning's time
+    finetune = json.loads((out / "finetune" / "report.json").read_text())
+    assert finetune["teacher_outputs"] == "computed once"
+    shared = finetune["teacher_outputs_from"]
+    assert shared["stage"] == "prune" and shared["seconds"] == prune["teacher_outputs_for_finetune_s"] > 0
+    assert finetune["time_s"] > shared["seconds"]
     assert (out / "train" / "checkpoints" / "last.ckpt").is_file()
 
     resolved = OmegaConf.load(out / ".hydra" / "config.yaml")

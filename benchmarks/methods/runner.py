@@ -319,6 +319,8 @@ def run_one(run: Run, data: stages.Data, baseline: stages.StageResult, groups) -
     cfg, dirs = run.cfg, run.dirs
     state = states(run)
     pruned = None
+    # the look-ahead and the fine-tuning distil from the baseline: its logits are computed once for both
+    shared = stages.shared_teacher_outputs(cfg, data, baseline.model, state) if "prune" in dirs else None
     if "prune" in dirs:
         source = keep = info = None
         inherit, before, times = True, None, None
@@ -331,10 +333,10 @@ def run_one(run: Run, data: stages.Data, baseline: stages.StageResult, groups) -
             info, times = choice.info, {"select_steps_s": choice.times}  # kept in the prune stage's report
         # the look-ahead distils from the baseline, as fine-tuning does (also when an adapted target is cut)
         pruned = stages.prune(cfg, data, dirs["prune"], state["prune"], source, groups, keep, info, before=before,
-                              inherit_weights=inherit, extra=times, teacher=baseline.model)
+                              inherit_weights=inherit, extra=times, teacher=baseline.model, shared=shared)
     teacher = copy.deepcopy(baseline.model) if cfg.finetune.kd_weight > 0 else None
     start = pruned.model if pruned is not None else baseline.model
-    tuned = stages.finetune(cfg, data, dirs["finetune"], state["finetune"], copy.deepcopy(start), teacher)
+    tuned = stages.finetune(cfg, data, dirs["finetune"], state["finetune"], copy.deepcopy(start), teacher, shared=shared)
     return record(run, baseline.report, pruned.report if pruned is not None else None, tuned.report, tuned.model,
                   data.input_shape)
 

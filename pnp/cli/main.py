@@ -294,11 +294,14 @@ def _pipeline(cfg, run_dir: Path, data) -> dict:
     cut_from = r_pruner.model if r_pruner.model is not None else target
     if r_pruner.model is not None and states["prune"] != "done":
         _say("[pnp] cutting the target as it adapted beside the pruner (pruner.target_lr); fine-tuning distils from the original")
+    # the look-ahead and the fine-tuning distil from the same target: its logits are computed once for both
+    shared = stages.shared_teacher_outputs(cfg, data, target, states)
     r_prune = stages.prune(cfg, data, dirs["prune"], states["prune"], copy.deepcopy(cut_from), groups, keep, info,
-                           before=r_train.report.get("model"), teacher=target)
+                           before=r_train.report.get("model"), teacher=target, shared=shared)
     teacher = copy.deepcopy(target) if cfg.finetune.kd_weight > 0 else None
     announce("finetune")
-    r_finetune = stages.finetune(cfg, data, dirs["finetune"], states["finetune"], copy.deepcopy(r_prune.model), teacher)
+    r_finetune = stages.finetune(cfg, data, dirs["finetune"], states["finetune"], copy.deepcopy(r_prune.model), teacher,
+                                 shared=shared)
     results = {"train": r_train, "train_pruner": r_pruner, "prune": r_prune, "finetune": r_finetune}
 
     report = {

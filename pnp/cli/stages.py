@@ -642,14 +642,15 @@ def _broadcast(value):
 
 
 def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[str, torch.Tensor],
-            teacher: nn.Module | None = None):
+            teacher: nn.Module | None = None, shared: SharedTeacherOutputs | None = None):
     """Keep decisions at the learned widths, their channels picked as ``cfg.inherit`` says; and what was decided.
 
     With ``inherit.choice=auto`` every candidate is cut and fine-tuned briefly on the
     same batches; with a budget, the read-outs of the ``inherit.widths_from`` criteria
     (their own widths) compete too. Rank 0's choice is used on every rank. Returns the
     decisions, the record, and the read-out's info when a criterion's widths won (else None).
-    The look-ahead distils from ``teacher`` (default ``target``) as ``inherit.kd_weight`` says.
+    The look-ahead distils from ``teacher`` (default ``target``) as ``inherit.kd_weight`` says,
+    reading its logits from ``shared`` when given (the pass the fine-tuning needs too).
     """
     from pnp.core.criteria import rank_channels
     from pnp.training.inherit import LEARNED, Inheritance, candidate_keeps, choose_inheritance, rival_widths
@@ -675,13 +676,15 @@ def inherit(cfg: DictConfig, data: Data, target: nn.Module, groups, keep: dict[s
         rivals, unusable = rival_widths(c.widths_from, cfg.readout.budget, lambda name: read_out(
             cfg, groups, rank_channels(target, groups, name, batches=gradient_batches, seed=int(cfg.seed)),
             ("inherit.widths_from", name)), budget_field="readout.budget")
-        found = choose_inheritance(
-            target, groups, keep, data.example_inputs, list(c.candidates), dm.train_dataloader, eval_loader,
-            steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,
-            rivals={name: k for name, (k, _) in rivals.items()}, kd_weight=float(c.kd_weight),
-            # pnp-prune has no trainer section: the look-ahead then trains in the trainer's default layout
-            channels_last=bool(OmegaConf.select(cfg, "trainer.channels_last", default=CHANNELS_LAST)), teacher=teacher,
-        )
+        outputs = shared.get("prune") if shared is not None and float(c.kd_weight) > 0 else None
+        with dm.train_outputs(outputs) if outputs is not None else contextlib.nullcontext():
+            found = choose_inheritance(
+                target, groups, keep, data.example_inputs, list(c.candidates), dm.train_dataloader, eval_loader,
+                steps=int(c.steps), lr=float(c.lr), device=device, seed=int(cfg.seed), gradient_batches=gradient_batches,
+                rivals={name: k for name, (k, _) in rivals.items()}, kd_weight=float(c.kd_weight),
+                # pnp-prune has no trainer section: the look-ahead then trains in the trainer's default layout
+                channels_last=bool(OmegaConf.select(cfg, "trainer.channels_last", default=CHANNELS_LAST)), teacher=teacher,
+            )
         record = {**found.to_dict(), "evaluated_on": evaluated_on}
         record["skipped"].update(unusable)
         rival = rivals.get(found.choice)
@@ -702,13 +705,15 @@ def prune(
     inherit_weights: bool = True,
     extra: dict | None = None,
     teacher: nn.Module | None = None,
+    shared: SharedTeacherOutputs | None = None,
 ) -> StageResult:
     """Cut out what ``keep`` drops, save the pruned model, its keep decisions and a plot of them.
 
     With ``inherit_weights`` the channels kept at ``keep``'s widths are chosen as
     ``cfg.inherit`` says (see :func:`inherit`); its look-ahead distils from ``teacher``
-    (default ``target``: pass the original when ``target`` adapted beside the pruner).
-    ``extra`` fields go into the stage's report.
+    (default ``target``: pass the original when ``target`` adapted beside the pruner), and reads
+    the teacher's logits from ``shared`` when given: the pass is the fine-tuning's, so the
+    stage's time leaves it out. ``extra`` fields go into the stage's report.
     """
     if state == "done":
         return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR, trust_builder=data.builder), skipped=True)
@@ -721,7 +726,7 @@ def prune(
         from pnp.training.inherit import channels_changed, inheritance_line
 
         learned = keep
-        keep, inherited, rival = inherit(cfg, data, target, groups, keep, teacher=teacher)
+        keep, inherited, rival = inherit(cfg, data, target, groups, keep, teacher=teacher, shared=shared)
         if rival is not None:  # a criterion's own widths won the look-ahead: its read-out is what was cut
             info = {**rival, "learned": info}
         if is_global_zero():
@@ -748,6 +753,9 @@ def prune(
             "plots": write_plots(stage.path, target, kept, dict(spec.group_sizes), [("baseline", before), ("pruned", after)]),
         })
     report["time_s"] = time.perf_counter() - start
+    if shared is not None and shared.computed_in == "prune":
+        report["time_s"] -= shared.seconds
+        report["teacher_outputs_for_finetune_s"] = shared.seconds
     return StageResult(stage.finish(report), model=pruned, keep=keep)
 
 
@@ -788,6 +796,45 @@ def write_plots(directory: Path, original: nn.Module, kept: dict, sizes: dict, m
 # ---------------------------------------------------------------- 4. fine-tuning
 
 
+class SharedTeacherOutputs:
+    """The unpruned target's logits on every training image, computed once for a run's look-ahead and fine-tuning.
+
+    Both distil from the same frozen teacher on the same unaugmented images (``inherit.kd_weight``,
+    ``finetune.kd_weight``): whichever stage needs them first runs the teacher over the training
+    split (:func:`~pnp.training.classifier.fixed_teacher_outputs`) and the other reads them, so the
+    look-ahead no longer runs a teacher pass of its own. ``seconds`` is what the pass took and
+    ``computed_in`` the stage that ran it; the fine-tuning's time counts the pass wherever it ran.
+    """
+
+    def __init__(self, teacher: nn.Module, data: Data, channels_last: bool):
+        self.teacher, self.data, self.channels_last = teacher, data, bool(channels_last)
+        self.outputs: torch.Tensor | None = None
+        self.computed_in: str | None = None
+        self.seconds = 0.0
+
+    def get(self, stage: str) -> torch.Tensor | None:
+        """The logits (None where they cannot be fixed: augmented or too large data); computed on the first call."""
+        from pnp.training.classifier import fixed_teacher_outputs
+
+        if self.computed_in is None:
+            start = time.perf_counter()
+            self.outputs = fixed_teacher_outputs(self.teacher, self.data.module, self.channels_last)
+            self.seconds, self.computed_in = time.perf_counter() - start, stage
+        return self.outputs
+
+
+def shared_teacher_outputs(cfg: DictConfig, data: Data, teacher: nn.Module, states: dict[str, str]) -> SharedTeacherOutputs | None:
+    """A :class:`SharedTeacherOutputs` for a run whose look-ahead and fine-tuning both distil from ``teacher``, else None.
+
+    Only where both stages are still to run: a look-ahead alone needs the teacher on its
+    own few batches, far fewer than the whole training split.
+    """
+    look_ahead = cfg.inherit.choice == "auto" and float(cfg.inherit.kd_weight) > 0
+    if not (look_ahead and float(cfg.finetune.kd_weight) > 0) or "done" in (states.get("prune", "done"), states["finetune"]):
+        return None
+    return SharedTeacherOutputs(teacher, data, bool(cfg.trainer.channels_last))
+
+
 def finetune(
     cfg: DictConfig,
     data: Data,
@@ -796,10 +843,13 @@ def finetune(
     pruned: nn.Module,
     teacher: nn.Module | None,
     before: dict | None = None,
+    shared: SharedTeacherOutputs | None = None,
 ) -> StageResult:
     """Fine-tune the pruned model (distilling from ``teacher`` when given); save it as ``model/``.
 
-    ``before`` (the pruned model's summary before fine-tuning) is kept in the report.
+    ``before`` (the pruned model's summary before fine-tuning) is kept in the report. ``shared``:
+    the teacher's logits on the training split, when the look-ahead before computed them from
+    the same teacher (see :func:`shared_teacher_outputs`).
     """
     if state == "done":
         return StageResult(stage.report(), model=load_pruned(stage.path / MODEL_DIR, trust_builder=data.builder), skipped=True)
@@ -814,7 +864,13 @@ def finetune(
     module = _classifier(cfg, cfg.finetune, pruned, teacher=teacher if cfg.finetune.kd_weight > 0 else None)
     trainer = make_trainer(cfg, stage, cfg.finetune.epochs, _monitor(data))
     # without augmentation the frozen teacher's logits are the same every epoch: computed once
-    outputs = fixed_teacher_outputs(module.teacher, data.module, module.channels_last) if module.uses_teacher else None
+    outputs, earlier_s = None, 0.0
+    if module.uses_teacher and shared is not None and shared.channels_last == module.channels_last:
+        computed_before = shared.computed_in is not None
+        outputs = shared.get("finetune")
+        earlier_s = shared.seconds if computed_before else 0.0
+    elif module.uses_teacher:
+        outputs = fixed_teacher_outputs(module.teacher, data.module, module.channels_last)
     with data.module.train_outputs(outputs) if outputs is not None else contextlib.nullcontext():
         fit(trainer, module, data, stage, resume=state == "resume")
     model = module.model.to("cpu").eval()
@@ -822,8 +878,11 @@ def finetune(
         model.pnp_channel_spec = spec
     save_model(model, stage, data, made_by="pnp-finetune")
     summary = summarize(model, data, cfg)
-    report = {"model": summary, "time_s": time.perf_counter() - start, "epochs": cfg.finetune.epochs,
+    # a teacher pass the look-ahead ran for both stages is this stage's cost, as it would have run it anyway
+    report = {"model": summary, "time_s": time.perf_counter() - start + earlier_s, "epochs": cfg.finetune.epochs,
               "teacher_outputs": "computed once" if outputs is not None else ("every step" if module.uses_teacher else None)}
+    if earlier_s:
+        report["teacher_outputs_from"] = {"stage": shared.computed_in, "seconds": earlier_s}
     if before is not None:
         report["before"] = before
     return StageResult(stage.finish(report), model=model)
