@@ -617,6 +617,34 @@ def test_a_second_look_reads_a_wider_interval_that_can_turn_ahead_into_level(tmp
     assert "pnp − best, mean [95% CI]" in (out / "table.md").read_text()
 
 
+def test_the_cost_against_the_criteria_comes_with_the_interval_its_timing_noise_leaves(tmp_path):
+    """pnp's mean total over the criteria's is the cost bar's figure; seed by seed the multiple varies with the
+    machine's load, and its t-interval says whether a reading near the bar is over it or only noise."""
+    bench = _bench_module()
+    from methods.tables import cost_ratio
+
+    records = _records({"magnitude": [0.0] * 5, "taylor": [-1.0] * 5, "pnp": [0.5] * 5})
+    pnp_totals = [150.0, 160.0, 140.0, 155.0, 145.0]  # 1.5x the criteria on average, 1.4x to 1.6x seed by seed
+    for r in records:
+        r["wall_s"] = pnp_totals[r["seed"]] if r["method"] == "pnp" else 100.0 + (10.0 if r["method"] == "taylor" else -10.0)
+    cost = cost_ratio(records)
+    assert cost.ratio == pytest.approx(1.5) and cost.seeds == (0, 1, 2, 3, 4)
+    assert cost.per_seed == pytest.approx((1.5, 1.6, 1.4, 1.55, 1.45))
+    assert cost.interval == pytest.approx((1.5 - 2.776 * 0.0791 / 5 ** 0.5, 1.5 + 2.776 * 0.0791 / 5 ** 0.5), abs=1e-3)
+    assert cost.text() == "×1.50 [1.40, 1.60]"
+    assert cost_ratio([r for r in records if r["method"] != "pnp"]) is None  # nothing to compare
+
+    out = tmp_path / "out"
+    for r in records:
+        path = out / "runs" / f"{r['model']}-{r['dataset']}" / f"{r['method']}-r50-s{r['seed']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+    found = bench.main(["--profile", "quick", "--out", str(out), "--report-only", "--models", "resnet20", "--methods",
+                        "pnp", "magnitude", "taylor", "--budgets", "0.5", "--seeds", *map(str, range(5))])["pnp_cost"]
+    assert [(c["ratio"], round(c["low"], 2), round(c["high"], 2)) for c in found] == [(pytest.approx(1.5), 1.4, 1.6)]
+    assert "| ×1.50 [1.40, 1.60] |" in (out / "table.md").read_text()
+
+
 def test_table_reports_accuracy_before_fine_tuning_and_times_against_the_criteria():
     _bench_module()
     from methods.tables import format_table
@@ -635,7 +663,7 @@ def test_table_reports_accuracy_before_fine_tuning_and_times_against_the_criteri
     start = table.index(next(line for line in table if "before fine-tuning" in line))
     assert "| resnet20 | fashion_mnist | 50% | **50.50** | 50.00 | 49.00 |" in table[start:]
     # pnp's 60 s against the criteria's mean of 15 s; the control fine-tunes only, once for every budget
-    assert "| resnet20 | fashion_mnist | 50% | 0.0 / 8.0 | 1.0 / 60 | 1.0 / 10 | 1.0 / 20 | ×4.0 |" in table
+    assert "| resnet20 | fashion_mnist | 50% | 0.0 / 8.0 | 1.0 / 60 | 1.0 / 10 | 1.0 / 20 | ×4.00 [4.00, 4.00] |" in table
     assert table[7].startswith("| resnet20 | fashion_mnist | 50% | 95.00 | 92.50 ± 0.71 (n=2) | **91.00 ± 0.71 (n=2)** |")
 
 

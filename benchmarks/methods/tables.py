@@ -184,16 +184,78 @@ def summarize(records: list[dict]) -> dict[tuple, dict]:
 
 def comparisons(records: list[dict], confidence: float = CONFIDENCE) -> dict[tuple, PairedDifference]:
     """pnp against the best criterion, per (model, dataset, budget) where both have records."""
-    rows: dict[tuple, list[dict]] = {}
-    for (model, dataset, budget, method), rs in cells_of(records).items():
-        if METHODS[method].prunes:
-            rows.setdefault((model, dataset, budget), []).extend(rs)
     out = {}
-    for row, rs in sorted(rows.items()):
+    for row, rs in sorted(pruning_rows(records).items()):
         paired = against_best(rs, confidence=confidence) if any(r["method"] == PNP for r in rs) else None
         if paired is not None:
             out[row] = paired
     return out
+
+
+@dataclass(frozen=True)
+class CostRatio:
+    """pnp's total time (choosing and fine-tuning) against the criteria's, in one model, dataset and budget.
+
+    ``ratio`` is pnp's mean total over the criteria's mean total (the figure the cost bar reads);
+    ``per_seed`` holds, for every seed with a pnp record and a criterion's, pnp's total over the
+    mean of the criteria's totals on that seed, and ``interval`` their mean's t-interval: how
+    far the timing noise of these machines leaves the ratio open.
+    """
+
+    ratio: float
+    seeds: tuple[int, ...]
+    per_seed: tuple[float, ...]
+    confidence: float = CONFIDENCE
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        n = len(self.per_seed)
+        if n < 2:
+            return None
+        mean = statistics.fmean(self.per_seed)
+        half = t_quantile((1 + self.confidence) / 2, n - 1) * statistics.stdev(self.per_seed) / math.sqrt(n)
+        return mean - half, mean + half
+
+    def text(self) -> str:
+        low_high = self.interval
+        return f"×{self.ratio:.2f}" + (f" [{low_high[0]:.2f}, {low_high[1]:.2f}]" if low_high else "")
+
+    def to_dict(self) -> dict:
+        low, high = self.interval or (None, None)
+        return {**asdict(self), "low": low, "high": high}
+
+
+def cost_ratio(records: list[dict], confidence: float = CONFIDENCE) -> CostRatio | None:
+    """pnp's cost against the criteria (``records``: one model, dataset and budget); None without both."""
+    ours = {r["seed"]: r["wall_s"] for r in records if r["method"] == PNP}
+    theirs: dict[int, list[float]] = {}
+    for r in records:
+        if METHODS[r["method"]].criterion is not None:
+            theirs.setdefault(r["seed"], []).append(r["wall_s"])
+    if not ours or not theirs:
+        return None
+    ratio = statistics.fmean(ours.values()) / statistics.fmean(t for ts in theirs.values() for t in ts)
+    seeds = tuple(sorted(set(ours) & set(theirs)))
+    return CostRatio(ratio, seeds, tuple(ours[s] / statistics.fmean(theirs[s]) for s in seeds), confidence)
+
+
+def costs(records: list[dict], confidence: float = CONFIDENCE) -> dict[tuple, CostRatio]:
+    """pnp's cost against the criteria, per (model, dataset, budget) where both have records."""
+    out = {}
+    for row, rs in sorted(pruning_rows(records).items()):
+        cost = cost_ratio(rs, confidence)
+        if cost is not None:
+            out[row] = cost
+    return out
+
+
+def pruning_rows(records: list[dict]) -> dict[tuple, list[dict]]:
+    """The records of methods that cut, per (model, dataset, budget)."""
+    rows: dict[tuple, list[dict]] = {}
+    for (model, dataset, budget, method), rs in cells_of(records).items():
+        if METHODS[method].prunes:
+            rows.setdefault((model, dataset, budget), []).extend(rs)
+    return rows
 
 
 def made_at(records: list[dict]) -> str:
@@ -308,11 +370,14 @@ def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[di
 
     criteria = [m for m in pruning if METHODS[m].criterion is not None]
     ratio = PNP in pruning and bool(criteria)
+    row_costs = costs(records, confidence)
     lines += [
         "",
         "Seconds each method spent, mean over seeds: choosing channels (pruner or sparsity training, gradient passes, "
         "look-ahead, surgery) / in all, with fine-tuning" + ("; the control only fine-tunes" if controls else "")
-        + ("; pnp's total as a multiple of the criteria's mean total." if ratio else "."),
+        + (f"; pnp's total as a multiple of the criteria's mean total, with the {confidence:.1%} t-interval of "
+           "that multiple taken seed by seed (pnp's total over the criteria's on the same seed): the timing noise."
+           if ratio else "."),
         "",
     ]
     body = []
@@ -322,9 +387,8 @@ def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[di
             c = cell(model, dataset, budget, m)
             row.append(f"{_seconds(c['select_s'])} / {_seconds(c['wall_s'])}" if c else missing(model, dataset, m))
         if ratio:
-            totals = [c["wall_s"] for c in (cell(model, dataset, budget, m) for m in criteria) if c]
-            ours = cell(model, dataset, budget, PNP)
-            row.append(f"×{ours['wall_s'] / statistics.fmean(totals):.1f}" if ours and totals else "-")
+            cost = row_costs.get((model, dataset, budget))
+            row.append(cost.text() if cost else "-")
         body.append(row)
     lines += table(["model", "data", "FLOPs removed", *labels(controls + pruning), *(["pnp ÷ criteria"] if ratio else [])],
                    body)
@@ -376,9 +440,10 @@ def write_reports(profile: Profile, profile_name: str, out: Path, device: str, c
     env = environment(device)
     paired = [{"model": m, "dataset": d, "budget": b, **p.to_dict()}
               for (m, d, b), p in comparisons(records, confidence).items()]
+    cost = [{"model": m, "dataset": d, "budget": b, **c.to_dict()} for (m, d, b), c in costs(records, confidence).items()]
     results = {
         "profile": profile_name, "settings": asdict(profile), "environment": env,
-        "records": records, "not_applicable": skipped, "pnp_against_best": paired,
+        "records": records, "not_applicable": skipped, "pnp_against_best": paired, "pnp_cost": cost,
     }
     write_json_atomic(out / "results.json", results)
     if records:
