@@ -69,6 +69,16 @@ def t_quantile(p: float, df: int) -> float:
     return (low + high) / 2
 
 
+def t_interval(values, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """The mean of ``values`` ± t((1 + confidence) / 2, n-1) * sd / sqrt(n); None with fewer than two."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = statistics.fmean(values)
+    half = t_quantile((1 + confidence) / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return mean - half, mean + half
+
+
 @dataclass(frozen=True)
 class PairedDifference:
     """``method`` minus ``rival`` in test accuracy, seed by seed: their mean, t-interval and the worst seed."""
@@ -90,10 +100,7 @@ class PairedDifference:
     @property
     def interval(self) -> tuple[float, float] | None:
         """mean ± t((1 + confidence) / 2, n-1) * sd / sqrt(n); None with one seed."""
-        if self.n < 2:
-            return None
-        half = t_quantile((1 + self.confidence) / 2, self.n - 1) * statistics.stdev(self.diffs) / math.sqrt(self.n)
-        return self.mean - half, self.mean + half
+        return t_interval(self.diffs, self.confidence)
 
     @property
     def worst(self) -> float:
@@ -209,12 +216,7 @@ class CostRatio:
 
     @property
     def interval(self) -> tuple[float, float] | None:
-        n = len(self.per_seed)
-        if n < 2:
-            return None
-        mean = statistics.fmean(self.per_seed)
-        half = t_quantile((1 + self.confidence) / 2, n - 1) * statistics.stdev(self.per_seed) / math.sqrt(n)
-        return mean - half, mean + half
+        return t_interval(self.per_seed, self.confidence)
 
     def text(self) -> str:
         low_high = self.interval
