@@ -255,3 +255,28 @@ def test_a_strided_1x1_convolution_over_few_channels_trains_in_the_usual_layout(
     trainer().fit(ClassifierModule(model, lr=0.05, epochs=1, channels_last=True), loader)
     assert seen and all(seen)  # every batch stayed in the usual layout
     assert "training in the usual memory layout, not channels-last" in capsys.readouterr().out
+
+
+def test_shared_teacher_outputs_run_the_teacher_once_and_not_on_augmented_data(tmp_path):
+    """The look-ahead and the fine-tuning of one run share one pass of the teacher; augmented images change every
+    epoch, so there they get nothing fixed and each stage runs the teacher as before."""
+    from types import SimpleNamespace
+
+    from tests.test_data import make_fashion_mnist, no_system_fashion_mnist  # noqa: F401
+    from pnp.cli.stages import SharedTeacherOutputs
+    from pnp.training.data import build_datamodule
+
+    make_fashion_mnist(tmp_path / "fm", gz=True, n_train=96)
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 5, stride=4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    for augment, expected in ((False, (80, 10)), (True, None)):
+        dm = build_datamodule("fashion_mnist", root=tmp_path / "fm", val_size=16, batch_size=16, augment=augment)
+        shared = SharedTeacherOutputs(teacher, SimpleNamespace(module=dm), channels_last=False)
+        calls.clear()
+        first, again = shared.get("prune"), shared.get("finetune")
+        assert shared.computed_in == "prune"
+        if expected is None:
+            assert first is None and again is None and calls == []
+        else:
+            assert tuple(first.shape) == expected and again is first and len(calls) == 1  # one pass of 80 images

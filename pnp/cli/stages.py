@@ -753,7 +753,7 @@ def prune(
             "plots": write_plots(stage.path, target, kept, dict(spec.group_sizes), [("baseline", before), ("pruned", after)]),
         })
     report["time_s"] = time.perf_counter() - start
-    if shared is not None and shared.computed_in == "prune":
+    if shared is not None and shared.computed_in == "prune" and shared.outputs is not None:
         report["time_s"] -= shared.seconds
         report["teacher_outputs_for_finetune_s"] = shared.seconds
     return StageResult(stage.finish(report), model=pruned, keep=keep)
@@ -868,7 +868,7 @@ def finetune(
     if module.uses_teacher and shared is not None and shared.channels_last == module.channels_last:
         computed_before = shared.computed_in is not None
         outputs = shared.get("finetune")
-        earlier_s = shared.seconds if computed_before else 0.0
+        earlier_s = shared.seconds if computed_before and outputs is not None else 0.0
     elif module.uses_teacher:
         outputs = fixed_teacher_outputs(module.teacher, data.module, module.channels_last)
     with data.module.train_outputs(outputs) if outputs is not None else contextlib.nullcontext():
