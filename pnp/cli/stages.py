@@ -866,9 +866,8 @@ def finetune(
     # without augmentation the frozen teacher's logits are the same every epoch: computed once
     outputs, earlier_s = None, 0.0
     if module.uses_teacher and shared is not None and shared.channels_last == module.channels_last:
-        computed_before = shared.computed_in is not None
         outputs = shared.get("finetune")
-        earlier_s = shared.seconds if computed_before and outputs is not None else 0.0
+        earlier_s = shared.seconds if shared.computed_in != "finetune" and outputs is not None else 0.0
     elif module.uses_teacher:
         outputs = fixed_teacher_outputs(module.teacher, data.module, module.channels_last)
     with data.module.train_outputs(outputs) if outputs is not None else contextlib.nullcontext():
