@@ -702,3 +702,22 @@ def test_standard_profile_is_the_one_the_issue_fixes(tmp_path):
     off = resolve(standard, ["finetune.kd_weight=0"], options).recipes
     assert all(cfg.finetune.kd_weight == 0 for cfg in off.values())
     assert bench.parse_args(["--profile", "standard"]).profile == "standard"
+
+
+def test_probe_head_width_holds_the_group_to_magnitudes_width_and_leaves_the_methods_as_they_were(tmp_path):
+    bench, probe = _bench_module(), _bench_module("probe_head_width")
+    data = write_fashion_mnist(tmp_path / "fmnist", n_train=600, n_test=200)
+    common = ["--profile", "smoke", "--data-root", str(data), "--out", str(tmp_path / "out"), "--no-reports"]
+    bench.main(common + ["--methods", "pnp", "magnitude"])
+    runs = tmp_path / "out" / "runs" / "lenet5-fashion_mnist"
+    pnp, magnitude = (json.loads((runs / f"{m}-r50-s0.json").read_text())["channels_kept"] for m in ("pnp", "magnitude"))
+    # the group the learned widths keep widest against magnitude (here a convolution's: the read-out's fill
+    # cannot afford to add its cut channels back, as it can a cheap fully connected layer's)
+    group = max(pnp, key=lambda g: pnp[g] / magnitude[g])
+    assert pnp[group] > magnitude[group]
+    probe.main(common + ["--group", group])
+    capped = json.loads((runs / "pnp_headcap-r50-s0.json").read_text())["channels_kept"]
+    assert capped[group] <= magnitude[group] < pnp[group]
+    assert "pnp_headcap" not in bench.METHODS  # registered for the probe's run only
+    with pytest.raises(SystemExit, match="--group 'nope' is not a channel group of lenet5"):
+        probe.main([*common[:4], "--out", str(tmp_path / "other"), "--no-reports", "--group", "nope"])  # a new run
