@@ -21,7 +21,6 @@ Every option but ``--group`` is ``bench_methods.py``'s, but for ``--methods`` (s
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 from pathlib import Path
 
@@ -47,24 +46,20 @@ class HeadCapped(M.LearnedPruner):
             # known once the model is built; the finished baseline stays and is reused when run again
             raise SystemExit(f"probe_head_width: --group {self.group!r} is not a channel group of "
                              f"{ctx.cfg.model.name}; use one of {[g.name for g in ctx.groups]}")
-        stage = ctx.dirs["train_pruner"]
-        trained = stages.train_pruner(ctx.cfg, ctx.data, stage, ctx.states["train_pruner"], copy.deepcopy(ctx.baseline),
-                                      readout=False)
+        return super().choose(ctx)
+
+    def read_out(self, ctx, scores, source):
         magnitude = stages.criterion_scores(ctx.cfg, ctx.data, ctx.baseline, ctx.groups, "magnitude")
         magnitude_keep, _ = stages.read_out(ctx.cfg, ctx.groups, magnitude, ("criterion", "magnitude"))
-        source = ("pruner scores", str(stage.path))
-        scores = {name: s.detach().clone().float() for name, s in trained.scores.items()}
-        learned, _ = stages.read_out(ctx.cfg, ctx.groups, scores, source)
+        learned, _ = super().read_out(ctx, scores, source)
         cap = int(magnitude_keep[self.group].sum())
+        scores = {name: s.detach().clone().float() for name, s in scores.items()}
         # below every score: the read-out's floor and fill reach these channels last
         scores[self.group][scores[self.group].argsort(descending=True)[cap:]] = -1.0
-        keep, info = stages.read_out(ctx.cfg, ctx.groups, scores, source)
+        keep, info = super().read_out(ctx, scores, source)
+        # each group's [learned, capped, magnitude's] channel counts
         widths = {n: [int(learned[n].sum()), int(keep[n].sum()), int(magnitude_keep[n].sum())] for n in keep}
-        # widths: each group's [learned, capped, magnitude's] channel counts
-        info = {**info, "headcap": {"group": self.group, "cap": cap, "widths": widths}}
-        model = trained.model if trained.model is not None else ctx.baseline
-        return M.Choice(model, keep, info, inherit=True, times={"pruner_training_s": trained.report["time_s"]},
-                        before=ctx.baseline_summary)
+        return keep, {**info, "headcap": {"group": self.group, "cap": cap, "widths": widths}}
 
 
 def main(argv=None) -> dict:

@@ -108,13 +108,17 @@ class LearnedPruner(Method):
         stage = ctx.dirs["train_pruner"]
         trained = stages.train_pruner(ctx.cfg, ctx.data, stage, ctx.states["train_pruner"], copy.deepcopy(ctx.baseline),
                                       readout=False)
-        keep, info = stages.read_out(ctx.cfg, ctx.groups, trained.scores, ("pruner scores", str(stage.path)))
+        keep, info = self.read_out(ctx, trained.scores, ("pruner scores", str(stage.path)))
         times = {"pruner_training_s": trained.report["time_s"]}
         # with pruner.target_lr the gated target adapted while the pruner learned: it is what the
         # pipeline cuts, so the benchmark cuts it too (the look-ahead and fine-tuning still distil
         # from the baseline, and the report compares with it)
         source = trained.model if trained.model is not None else ctx.baseline
         return Choice(source, keep, info, inherit=True, times=times, before=ctx.baseline_summary)
+
+    def read_out(self, ctx: Context, scores: dict, source: tuple[str, str]) -> tuple[dict, dict]:
+        """Keep decisions from the pruner's scores, as the recipe's ``readout`` says (a probe may change them first)."""
+        return stages.read_out(ctx.cfg, ctx.groups, scores, source)
 
 
 class Criterion(Method):
