@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -721,3 +723,25 @@ def test_probe_head_width_holds_the_group_to_magnitudes_width_and_leaves_the_met
     assert "pnp_headcap" not in bench.METHODS  # registered for the probe's run only
     with pytest.raises(SystemExit, match="--group 'nope' is not a channel group of lenet5"):
         probe.main([*common[:4], "--out", str(tmp_path / "other"), "--no-reports", "--group", "nope"])  # a new run
+
+
+def test_an_interval_end_that_rounds_to_zero_shows_the_sign_that_decides_the_verdict():
+    """An interval that clears 0 by less than 0.005 points reads ahead, and its table says why."""
+    _bench_module()
+    from methods.tables import against_best, format_table, t_975
+
+    # sd 0.1581 over five seeds: the half-width is t(0.975, 4) * 0.0707; a mean 0.001 above it clears 0 by 0.001
+    half = t_975(4) * statistics.stdev([0.2, 0.4, 0.3, 0.5, 0.1]) / math.sqrt(5)
+    shift = half + 0.001 - 0.3
+    pnp = [d + shift for d in (0.2, 0.4, 0.3, 0.5, 0.1)]
+    records = _records({"magnitude": [0.0] * 5, "taylor": [-1.0] * 5, "pnp": pnp})
+    paired = against_best(records)
+    assert paired.interval[0] == pytest.approx(0.001, abs=1e-9) and paired.verdict == "ahead"
+    table = format_table(records, ("pnp", "magnitude", "taylor"), [], {}, "test")
+    row = next(line for line in table.splitlines() if line.startswith("| resnet20 | fashion_mnist | 50% | TP group magnitude |"))
+    assert "[+0.001, " in row and "**ahead**" in row
+    # ends away from 0 keep two decimals, and an end of exactly 0 is not dressed up
+    assert f"{paired.interval[1]:+.2f}]" in row
+    tied = _records({"magnitude": [0.0] * 5, "taylor": [-1.0] * 5, "pnp": [0.0] * 5})
+    assert against_best(tied).interval == (0.0, 0.0) and against_best(tied).verdict == "level"
+    assert "+0.00 [+0.00, +0.00] | +0.00 | level" in format_table(tied, ("pnp", "magnitude", "taylor"), [], {}, "test")

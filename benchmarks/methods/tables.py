@@ -348,7 +348,7 @@ def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[di
         ]
         body = []
         for (model, dataset, budget), p in paired.items():
-            interval = "[{:+.2f}, {:+.2f}]".format(*p.interval) if p.interval else "(one seed)"
+            interval = "[{}, {}]".format(*map(_bound, p.interval)) if p.interval else "(one seed)"
             verdict = p.verdict if p.verdict in ("level", "one seed") else f"**{p.verdict}**"
             body.append([model, dataset, f"{budget:.0%}", METHODS[p.rival].label, str(p.n), f"{p.mean:+.2f} {interval}",
                          f"{p.worst:+.2f}", verdict])
@@ -398,6 +398,17 @@ def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[di
     if reasons:
         lines += ["", "n/a: " + "; ".join(f"{m} on {model}: {why}" for model, m, why in reasons)]
     return "\n".join(lines) + "\n"
+
+
+def _bound(value: float) -> str:
+    """An interval's end in points, to 2 decimals; a nonzero end that would print as ±0.00 gets the
+    decimals its first digit needs (at most 4), so the sign that decides the verdict shows."""
+    text = f"{value:+.2f}"
+    for decimals in (3, 4):
+        if value == 0 or text.strip("+-0."):
+            break
+        text = f"{value:+.{decimals}f}"
+    return text
 
 
 def _seconds(value: float) -> str:
