@@ -403,11 +403,10 @@ def format_table(records: list[dict], methods: tuple[str, ...], skipped: list[di
 def _bound(value: float) -> str:
     """An interval's end in points, to 2 decimals; a nonzero end that would print as ±0.00 gets the
     decimals its first digit needs (at most 4), so the sign that decides the verdict shows."""
-    text = f"{value:+.2f}"
-    for decimals in (3, 4):
-        if value == 0 or text.strip("+-0."):
-            break
+    for decimals in (2, 3, 4):
         text = f"{value:+.{decimals}f}"
+        if value == 0 or text.strip("+-0."):  # a digit other than 0 shows
+            break
     return text
 
 
